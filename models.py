@@ -95,6 +95,25 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
     return model, tokenizer
 
 
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass that computes the LM head only where a scored token is predicted.
+
+    batch: input_ids, attention_mask, labels (B, T), left-padded (data.collate), on the model's device.
+    Returns logits (B, k, V) for the last k positions and the labels (B, k) aligned with them, k one
+    more than the longest scored span. Question and padding positions, often half of a QA batch,
+    then cost no (B, T, V) logits. Positions count from each row's first real token, so left padding
+    changes nothing.
+    """
+    labels = batch["labels"]
+    T = labels.shape[1]
+    first_scored = (labels != -100).int().argmax(1)              # (B,)
+    k = min(T, T - int(first_scored.min()) + 1)
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=position_ids, logits_to_keep=k).logits
+    return logits, labels[:, -k:]
+
+
 def frozen_copy(model):
     """The reference model of methods that need one (kl, dpo, npo, llmu): a copy of the weights
     before unlearning, in eval mode, without gradients. Call it only for those methods."""
@@ -107,6 +126,12 @@ def frozen_copy(model):
 
 
 # ---------------------------------------------------------------------------------------------
+
+def check_name(name: str) -> None:
+    """Fail, listing the aliases, unless name is an alias, a directory or an org/name Hub id."""
+    if name not in MODELS:
+        _resolve(name)
+
 
 def _resolve(name: str) -> str:
     """Local directory for an alias, a directory or a Hub id; raises with the valid names otherwise."""

@@ -75,3 +75,27 @@ def test_embedded_smollm2_converts_once_then_loads_fast_and_answers(tmp_path, mo
     again, _ = models.load_model("smollm2-135m", device="cpu")
     assert time.time() - start < 15
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_answer_logits_on_a_padded_batch_equal_full_forwards_of_each_row(tmp_path, arch):
+    """Left padding + logits for the scored positions only: same statistics and gradients as
+    running each row alone, unpadded, with logits everywhere."""
+    import data
+    import flat
+    model, tok = models.load_model(make_tiny_model(tmp_path / arch, arch), device="cpu")
+    rows = [data.encode_qa(tok, "base", q, a) for q, a in [("Who wrote the book?", "The author wrote it in 1990."),
+                                                          ("Who?", "Nobody."), ("Where is Paris?", "In France.")]]
+    stats = flat.sequence_stats(*models.answer_logits(model, data.collate(rows, tok.pad_token_id)))
+    stats.logp_sum.sum().backward()
+    fast_grad = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    slow = []
+    for r in rows:
+        ids, labels = torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])
+        s = flat.sequence_stats(model(input_ids=ids).logits, labels)
+        s.logp_sum.sum().backward()
+        slow.append(s.logp_sum)
+    torch.testing.assert_close(stats.logp_sum.detach(), torch.cat(slow).detach(), atol=1e-5, rtol=1e-5)
+    for g, p in zip(fast_grad, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)

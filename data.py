@@ -1,0 +1,238 @@
+"""Data: reading and validating files, prompt formatting, tokenisation with answer-only labels,
+and dynamically padded, length-bucketed batches.
+
+A QA pair becomes one sequence, prompt then answer then one EOS; the prompt's labels are
+IGNORE_INDEX, so only the answer and its EOS are scored:
+
+    base          "Question: {q}\\nAnswer:" + " {a}"            (OPT, phi)
+    llama2-chat   "[INST] {q} [/INST]" + " {a}"                 (Llama-2-chat)
+    chat-template tokenizer.apply_chat_template(user: q) + "{a}" (instruct models, e.g. SmolLM2)
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from flat import IGNORE_INDEX, Registry
+
+ROOT = Path(__file__).resolve().parent
+TOFU_DIR = ROOT / "data" / "tofu"
+
+
+class DataError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+def read_jsonl(path: str | Path, required: dict[str, type] | None = None) -> list[dict]:
+    """JSON Lines -> list of dicts. A malformed line fails with the file name and line number."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for key, typ in (required or {}).items():
+                if not isinstance(row.get(key), typ):
+                    raise DataError(f"{path}:{lineno}: field {key!r} missing or not a {typ.__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    if not lines:
+        raise DataError(f"{path}: no lines")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# TOFU (Maini et al. 2024)
+# ---------------------------------------------------------------------------------------------
+
+_QA = {"question": str, "answer": str}
+_PERTURBED = {**_QA, "paraphrased_answer": str, "perturbed_answer": list}
+_WITH_OPTIONS = {**_QA, "perturbed_answer": list}
+TOFU_CONFIGS = Registry("TOFU config", {
+    **{name: _QA for name in ["full", "forget01", "forget05", "forget10", "retain90", "retain95", "retain99",
+                              "holdout01", "holdout05", "holdout10", "real_authors", "world_facts"]},
+    **{f"{name}_perturbed": _PERTURBED for name in ["forget01", "forget05", "forget10", "retain"]},
+    "real_authors_perturbed": _WITH_OPTIONS,
+    "world_facts_perturbed": _WITH_OPTIONS,
+})
+SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}  # forget -> retain split
+AUTHOR_QA = 20  # TOFU has 20 QA pairs per fictitious author, in blocks
+
+
+def load_tofu(config: str, data_dir: str | Path | None = None) -> list[dict]:
+    """One TOFU config as a list of dicts, from data_dir, else the vendored copy, else the Hub."""
+    required = TOFU_CONFIGS[config]
+    for d in [data_dir, TOFU_DIR]:
+        if d is not None and (Path(d) / f"{config}.jsonl").exists():
+            return read_jsonl(Path(d) / f"{config}.jsonl", required)
+        if d is not None and d == data_dir:
+            raise DataError(f"{Path(d) / f'{config}.jsonl'}: file not found (--data-dir {d})")
+    return _load_tofu_from_hub(config)
+
+
+def _load_tofu_from_hub(config: str) -> list[dict]:
+    from models import hub_reachable
+    if not hub_reachable():
+        raise DataError(f"TOFU config {config!r} is not in {TOFU_DIR} and the Hugging Face Hub is unreachable; "
+                        f"pass --data-dir with a copy of locuslab/TOFU as JSON Lines")
+    import datasets
+    return [dict(r) for r in datasets.load_dataset("locuslab/TOFU", config, split="train")]
+
+
+def load_idk(data_dir: str | Path | None = None) -> list[str]:
+    """TOFU's 100 "I don't know" answers (idontknow.jsonl is plain text, one answer per line)."""
+    d = Path(data_dir) if data_dir is not None and (Path(data_dir) / "idontknow.jsonl").exists() else TOFU_DIR
+    return read_lines(d / "idontknow.jsonl")
+
+
+def first_authors(rows: list[dict], n_authors: int | None) -> list[dict]:
+    """The QA pairs of the first n fictitious authors (TOFU stores each author's 20 QA as a block)."""
+    return rows if n_authors is None else rows[:n_authors * AUTHOR_QA]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and tokenisation
+# ---------------------------------------------------------------------------------------------
+
+def prompt_and_answer(tokenizer, style: str, question: str, answer: str) -> tuple[str, str]:
+    """The prompt text and the answer text that follows it (see the module docstring)."""
+    if style == "base":
+        return f"Question: {question}\nAnswer:", f" {answer}"
+    if style == "llama2-chat":
+        return f"[INST] {question} [/INST]", f" {answer}"
+    if style == "chat-template":
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                               add_generation_prompt=True, tokenize=False)
+        return prompt, answer
+    raise DataError(f"unknown prompt style {style!r}; valid: base, llama2-chat, chat-template")
+
+
+def encode_prompt(tokenizer, style: str, question: str) -> list[int]:
+    prompt, _ = prompt_and_answer(tokenizer, style, question, "")
+    return tokenizer(prompt, add_special_tokens=style != "chat-template").input_ids
+
+
+def encode_qa(tokenizer, style: str, question: str, answer: str) -> dict:
+    """Token ids of prompt + answer + EOS, labels IGNORE_INDEX on the prompt.
+
+    Tokenising the whole text (not the two parts separately) gives the tokens the model sees at
+    generation time followed by the ones it would produce; the prompt is the prefix of that
+    tokenisation, which holds because every prompt ends at a word boundary.
+    """
+    prompt, ans = prompt_and_answer(tokenizer, style, question, answer)
+    special = style != "chat-template"  # a chat template already holds its special tokens
+    p_ids = tokenizer(prompt, add_special_tokens=special).input_ids
+    ids = tokenizer(prompt + ans, add_special_tokens=special).input_ids
+    if ids[:len(p_ids)] != p_ids:
+        raise DataError(f"the prompt does not tokenise as a prefix of prompt + answer: {prompt!r} + {ans!r}")
+    ids = ids + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * len(p_ids) + ids[len(p_ids):]
+    if len(ids) - len(p_ids) < 2:
+        raise DataError(f"empty answer to {question!r}")
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(rows: list[dict], pad_id: int, side: str = "left") -> dict[str, torch.Tensor]:
+    """Pad to the longest row of this batch (never to a fixed length).
+
+    Left padding (the default) puts every row's answer at the end of the batch, so the logits of
+    all scored tokens lie in the last few positions: see models.answer_logits.
+    Shape: returns input_ids, attention_mask and, when rows have them, labels, each (len(rows), max_len).
+    """
+    T = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        span = slice(T - n, T) if side == "left" else slice(0, n)
+        ids[i, span] = torch.tensor(r["input_ids"])
+        mask[i, span] = 1
+        if "labels" in r:
+            labels[i, span] = torch.tensor(r["labels"])
+    out = {"input_ids": ids, "attention_mask": mask}
+    if all("labels" in r for r in rows):
+        out["labels"] = labels
+    return out
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random,
+                           group_batches: int = 50) -> list[list[int]]:
+    """Shuffled batches of indices whose members have similar lengths, so padding stays small.
+
+    Indices are shuffled, cut into groups of group_batches * batch_size, sorted by length inside
+    each group and cut into batches; the batch order is then shuffled.
+    """
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    group = batch_size * group_batches
+    batches = []
+    for g in range(0, len(idx), group):
+        chunk = sorted(idx[g:g + group], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlearning batches: each forget example with its template answer and a retain example
+# ---------------------------------------------------------------------------------------------
+
+STREAMS = ("forget", "template", "retain")
+
+
+def unlearning_epoch(tokenizer, style: str, forget: list[dict], templates: list[str] | None,
+                     retain: list[dict] | None, batch_size: int, rng: random.Random) -> list[dict]:
+    """One epoch of unlearning batches.
+
+    Each forget example (x_f, y_f) gets, when the method needs them, a template answer y_e drawn
+    uniformly from `templates` for the same question x_f, and a uniformly drawn retain example
+    (x_r, y_r). Draws come from `rng` (seeded by the run), fresh every epoch. Each batch is
+    {"forget": rows, "template": rows, "retain": rows} with the streams it needs; the rows of one
+    stream align with the forget rows.
+    """
+    if not forget:
+        raise DataError("the forget set is empty")
+    encoded = [encode_qa(tokenizer, style, r["question"], r["answer"]) for r in forget]
+    batches = []
+    for idx in length_grouped_batches([len(e["input_ids"]) for e in encoded], batch_size, rng):
+        batch = {"forget": [encoded[i] for i in idx]}
+        if templates is not None:
+            batch["template"] = [encode_qa(tokenizer, style, forget[i]["question"], rng.choice(templates))
+                                 for i in idx]
+        if retain is not None:
+            picks = [retain[rng.randrange(len(retain))] for _ in idx]
+            batch["retain"] = [encode_qa(tokenizer, style, r["question"], r["answer"]) for r in picks]
+        batches.append(batch)
+    return batches
+
+
+def finetune_epoch(tokenizer, style: str, rows: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
+    """One epoch of plain QA batches (answer tokens scored) for fine-tuning."""
+    if not rows:
+        raise DataError("no fine-tuning data")
+    encoded = [encode_qa(tokenizer, style, r["question"], r["answer"]) for r in rows]
+    return [[encoded[i] for i in idx]
+            for idx in length_grouped_batches([len(e["input_ids"]) for e in encoded], batch_size, rng)]

@@ -1,0 +1,207 @@
+"""Evaluation: answer likelihoods, batched greedy generation, and the TOFU metrics.
+
+TOFU metrics follow OpenUnlearning's definitions (every item scored, geometric-mean truth ratio,
+greedy generation of up to 200 new tokens, ROUGE-L recall with stemming); see the README.
+The metric arithmetic is in pure functions (truth_ratio, forget_quality, model_utility), tested
+against the TOFU authors' published evaluation logs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.stats
+import torch
+
+import data
+from flat import sequence_stats
+
+# ---------------------------------------------------------------------------------------------
+# Pure metric functions
+# ---------------------------------------------------------------------------------------------
+
+
+def truth_ratio(correct_nll: np.ndarray, perturbed_nll: np.ndarray) -> np.ndarray:
+    """R = pbar(perturbed) / p(correct) per item, every p length-normalised (exp of minus the mean
+    token NLL) and pbar the geometric mean over perturbed answers: R = exp(nll_c - mean_k nll_k).
+
+    Shape: correct_nll (N,); perturbed_nll (N, K). Returns R (N,).
+    """
+    correct_nll, perturbed_nll = np.asarray(correct_nll, float), np.asarray(perturbed_nll, float)
+    if correct_nll.ndim != 1 or perturbed_nll.ndim != 2 or perturbed_nll.shape[0] != correct_nll.shape[0]:
+        raise ValueError(f"expected (N,) and (N, K); got {correct_nll.shape} and {perturbed_nll.shape}")
+    return np.exp(correct_nll - perturbed_nll.mean(1))
+
+
+def truth_ratio_score(r: np.ndarray, forget: bool) -> float:
+    """TOFU's reported truth ratio: mean min(R, 1/R) on the forget set (closer to 1 is better),
+    mean max(0, 1 - R) elsewhere (a model that prefers the correct answer scores near 1)."""
+    r = np.asarray(r, float)
+    return float(np.minimum(r, 1 / r).mean() if forget else np.maximum(0.0, 1 - r).mean())
+
+
+def forget_quality(tr_unlearned: np.ndarray, tr_retain: np.ndarray) -> float:
+    """p-value of the two-sided two-sample KS test between the unlearned model's and the retain
+    model's per-item truth ratios on the same forget items (TOFU, Maini et al. 2024, Sec. 2.5)."""
+    return float(scipy.stats.ks_2samp(np.asarray(tr_unlearned, float), np.asarray(tr_retain, float)).pvalue)
+
+
+UTILITY_KEYS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
+                "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio",
+                "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
+
+
+def model_utility(scores: dict) -> float:
+    """Harmonic mean of the nine retain, real-author and world-fact numbers (UTILITY_KEYS).
+    A single zero (e.g. ROUGE after a collapse) makes it 0."""
+    missing = [k for k in UTILITY_KEYS if k not in scores]
+    if missing:
+        raise KeyError(f"model_utility needs {missing}")
+    values = np.array([scores[k] for k in UTILITY_KEYS], float)
+    return 0.0 if (values <= 0).any() else float(scipy.stats.hmean(values))
+
+
+def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L recall of each prediction against its reference (rouge-score, Porter stemming)."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model calls
+# ---------------------------------------------------------------------------------------------
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list[list[str]],
+               rows_per_batch: int = 32) -> list[list[float]]:
+    """Mean token NLL (answer tokens and EOS) of each answer to its question.
+
+    answers[i] holds any number of answers to questions[i]. The prompts of a batch of items go
+    through the model once; every answer then runs in one forward pass on top of its prompt's KV
+    cache, so a question shared by seven answers (TOFU's forget set) is computed once, not seven
+    times. Items are sorted by length so that batches pad little. Returns nll[i][j] for answers[i][j].
+    """
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    prompts, replies = [], []  # token ids of each prompt, and of each answer + EOS after it
+    for q, ans in zip(questions, answers):
+        p = data.encode_prompt(tokenizer, style, q)
+        prompts.append(p)
+        replies.append([data.encode_qa(tokenizer, style, q, a)["input_ids"][len(p):] for a in ans])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + max(map(len, replies[i])))
+    out: list[list[float]] = [[] for _ in prompts]
+    batches, current = [], []
+    for i in order:
+        if current and sum(len(replies[j]) for j in current) + len(replies[i]) > rows_per_batch:
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches += [current] if current else []
+    for items in batches:
+        p = {k: v.to(device) for k, v in data.collate([{"input_ids": prompts[i]} for i in items],
+                                                      tokenizer.pad_token_id).items()}
+        p_pos = (p["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        pre = model(input_ids=p["input_ids"], attention_mask=p["attention_mask"], position_ids=p_pos,
+                    use_cache=True, logits_to_keep=1)
+        owner = torch.tensor([n for n, i in enumerate(items) for _ in replies[i]], device=device)  # (R,)
+        cache = pre.past_key_values
+        cache.batch_select_indices(owner)  # one copy of the prompt's cache per answer
+        a = {k: v.to(device) for k, v in data.collate(
+            [{"input_ids": r, "labels": r} for i in items for r in replies[i]], tokenizer.pad_token_id,
+            side="right").items()}
+        a_pos = p_pos[owner, -1:] + 1 + torch.arange(a["input_ids"].shape[1], device=device)
+        logits = model(input_ids=a["input_ids"], attention_mask=torch.cat([p["attention_mask"][owner],
+                                                                           a["attention_mask"]], 1),
+                       position_ids=a_pos, past_key_values=cache).logits           # (R, A, V)
+        # The prompt's last position predicts the first answer token: prepend it, and a -100 label.
+        logits = torch.cat([pre.logits[owner], logits], 1)                          # (R, A + 1, V)
+        labels = torch.nn.functional.pad(a["labels"], (1, 0), value=-100)
+        nll = (-sequence_stats(logits, labels).logp_mean).tolist()
+        for i in items:
+            out[i], nll = nll[:len(replies[i])], nll[len(replies[i]):]
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, style: str, questions: list[str], max_new_tokens: int = 200,
+             batch_size: int = 32) -> list[str]:
+    """Greedy answers, batched with left padding and the KV cache; each stops at EOS."""
+    was_training = model.training
+    model.eval()
+    prompts = [data.encode_prompt(tokenizer, style, q) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        b = {k: v.to(_device(model)) for k, v in data.collate([{"input_ids": prompts[i]} for i in idx],
+                                                               tokenizer.pad_token_id).items()}
+        gen = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for i, row in zip(idx, gen[:, b["input_ids"].shape[1]:]):
+            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# TOFU
+# ---------------------------------------------------------------------------------------------
+
+# name -> (config, whether it is the forget set, answer the truth ratio treats as correct)
+TOFU_EVAL_SETS = {
+    "forget": (None, True, "paraphrased_answer"),              # config: f"{split}_perturbed"
+    "retain": ("retain_perturbed", False, "paraphrased_answer"),
+    "ra": ("real_authors_perturbed", False, "answer"),
+    "wf": ("world_facts_perturbed", False, "answer"),
+}
+
+
+def evaluate_tofu_set(model, tokenizer, style: str, name: str, rows: list[dict], max_new_tokens: int = 200,
+                      batch_size: int = 32) -> tuple[dict, dict]:
+    """Probability, ROUGE-L recall and truth ratio on one TOFU evaluation set.
+
+    Returns (summary, per_item). Forget and retain use the raw probability of the answer; real
+    authors and world facts normalise it over the options, p(a) / (p(a) + sum_j p(perturbed_j)).
+    """
+    _, is_forget, correct_key = TOFU_EVAL_SETS[name]
+    questions = [r["question"] for r in rows]
+    with_para = correct_key != "answer"
+    answers = [[r["answer"]] + ([r[correct_key]] if with_para else []) + list(r["perturbed_answer"]) for r in rows]
+    nll = answer_nll(model, tokenizer, style, questions, answers, rows_per_batch=max(1, batch_size // 2))
+    gt = np.array([n[0] for n in nll])
+    correct = np.array([n[1] for n in nll]) if with_para else gt
+    perturbed = np.array([n[2 if with_para else 1:] for n in nll])
+    r = truth_ratio(correct, perturbed)
+    if name in ("ra", "wf"):
+        p = np.exp(-gt) / (np.exp(-gt) + np.exp(-perturbed).sum(1))
+    else:
+        p = np.exp(-gt)
+    gens = generate(model, tokenizer, style, questions, max_new_tokens, batch_size)
+    rouge = np.array(rouge_l_recall(gens, [r["answer"] for r in rows]))
+    prob_key = f"{name}_Q_A_Prob" + ("_normalised" if name in ("ra", "wf") else "")
+    tr_key = "forget_truth_ratio" if is_forget else f"{name}_Truth_Ratio"
+    summary = {prob_key: float(p.mean()), f"{name}_Q_A_ROUGE": float(rouge.mean()),
+               tr_key: truth_ratio_score(r, is_forget)}
+    per_item = {"question": questions, "generation": gens, "answer_nll": gt.tolist(),
+                "correct_nll": correct.tolist(), "perturbed_nll": perturbed.tolist(), "truth_ratio": r.tolist(),
+                "prob": p.tolist(), "rougeL_recall": rouge.tolist()}
+    return summary, per_item
+
+
+def evaluate_tofu(model, tokenizer, style: str, sets: dict[str, list[dict]], max_new_tokens: int = 200,
+                  batch_size: int = 32) -> tuple[dict, dict]:
+    """All TOFU sets given in `sets` (keys of TOFU_EVAL_SETS); model utility when all three
+    utility sets are present. Forget quality needs the retain model: see forget_quality."""
+    summary, logs = {}, {}
+    for name, rows in sets.items():
+        s, log = evaluate_tofu_set(model, tokenizer, style, name, rows, max_new_tokens, batch_size)
+        summary.update(s)
+        logs[name] = log
+    if all(k in summary for k in UTILITY_KEYS):
+        summary["model_utility"] = model_utility(summary)
+    return summary, logs

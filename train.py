@@ -1,0 +1,194 @@
+"""What the runners share around their own training loops: flags, optimiser and schedule, the
+forward pass that turns a batch of streams into a method's loss, a divergence guard, cached
+stages and atomic writes. The loops themselves stay in the runners."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+import data
+import flat
+import models
+
+
+def arg(default, help: str):
+    """A dataclass field with its one-line help, for parse_args."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_args(cls, argv=None):
+    """Parse flags into the dataclass `cls` (both --max-steps and --max_steps work); unknown flags fail."""
+    from transformers import HfArgumentParser
+    parser = HfArgumentParser(cls)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"unknown arguments {rest}")
+    return cls(**vars(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------------------------
+
+def optimizer_and_schedule(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    """AdamW (no decay on biases and norm weights) with linear warmup then linear decay to zero."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def autocast(device: str, enabled: bool):
+    """bf16 autocast over fp32 master weights on CUDA. Pure bf16 weights would round most AdamW
+    updates at lr ~1e-5 away (bf16 keeps 8 bits of mantissa), so training keeps fp32 weights."""
+    if enabled and str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def check_finite(loss: torch.Tensor, step: int, stage: str) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage}: the loss is {loss.item()} at step {step}; stopping without saving "
+                                 f"(try a lower --lr)")
+
+
+def check_finite_weights(model, step: int, stage: str) -> None:
+    """After the last step no forward pass shows the damage: look at the weights before saving."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise FloatingPointError(f"{stage}: the weights are not finite after step {step}; stopping without "
+                                 f"saving (try a lower --lr)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pass: one batch of streams -> statistics -> loss
+# ---------------------------------------------------------------------------------------------
+
+def batch_loss(model, batch: dict[str, list[dict]], method: flat.Method, params: flat.LossParams,
+               pad_id: int, ref_model=None) -> tuple[torch.Tensor, dict]:
+    """The method's per-sample loss (B,) for one unlearning batch, and detached diagnostics.
+
+    All streams (forget, template, retain rows) go through one forward pass, padded together to the
+    batch's longest row; their statistics come from flat.sequence_stats on slices of the logits.
+    The frozen reference, when the method has one, runs on the same rows without gradients.
+    """
+    streams = [s for s in data.STREAMS if s in batch]
+    sizes = [len(batch[s]) for s in streams]
+    b = data.collate([row for s in streams for row in batch[s]], pad_id)
+    device = next(model.parameters()).device
+    b = {k: v.to(device) for k, v in b.items()}
+    logits, labels = models.answer_logits(model, b)  # (sum B_s, k, V), (sum B_s, k)
+    ref_logits = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logits, _ = models.answer_logits(ref_model, b)
+    stats, start = {}, 0
+    for s, n in zip(streams, sizes):
+        rows = slice(start, start + n)
+        start += n
+        stats[s] = flat.sequence_stats(logits[rows], labels[rows])
+        if ref_logits is not None:
+            if s == "retain":
+                stats["retain_kl"] = flat.kl_to_reference(logits[rows], ref_logits[rows], labels[rows])
+            else:
+                stats["ref_" + s] = flat.sequence_stats(ref_logits[rows], labels[rows])
+    loss = method.call(stats, params)
+    diag = {f"p_{s}": stats[s].prob_mean.mean().item() for s in streams}
+    if "retain_kl" in stats:
+        diag["retain_kl"] = stats["retain_kl"].mean().item()
+    return loss, diag
+
+
+def finetune_loss(model, rows: list[dict], pad_id: int) -> tuple[torch.Tensor, dict]:
+    """Per-sample mean answer-token NLL (B,) for fine-tuning on QA pairs."""
+    b = {k: v.to(next(model.parameters()).device) for k, v in data.collate(rows, pad_id).items()}
+    stats = flat.sequence_stats(*models.answer_logits(model, b))
+    return -stats.logp_mean, {"p_answer": stats.prob_mean.mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages, logs and files
+# ---------------------------------------------------------------------------------------------
+
+def stage_dir(root: Path, name: str, key: dict) -> Path:
+    """A stage's directory, named by a hash of everything its output depends on, so that a rerun
+    with the same settings finds it and other settings get their own."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return root / f"{name}-{digest}"
+
+
+def is_saved_model(path: Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
+def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) -> None:
+    """save_pretrained (safetensors) into a temporary directory renamed into place at the end,
+    so an interrupted run never leaves a half-written model that a rerun would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name, obj in extra.items():
+        write_json(tmp / name, obj)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def log_line(stage: str, step: int, total: int, loss: float, lr: float, sec_per_step: float, diag: dict) -> str:
+    """The one fixed-format line logged every --log-every optimiser steps."""
+    extra = " ".join(f"{k} {v:.4f}" for k, v in diag.items())
+    return f"[{stage}] step {step:>5}/{total} | loss {loss:.4f} | lr {lr:.2e} | {sec_per_step:.2f} s/step | {extra}"
+
+
+def steps_for(n_batches: int, grad_accum: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
+    """(optimiser steps per epoch, total optimiser steps), the total capped by max_steps."""
+    per_epoch = math.ceil(n_batches / grad_accum)
+    total = per_epoch * epochs
+    return per_epoch, min(total, max_steps) if max_steps else total
+
+
+@contextmanager
+def timed(times: dict, name: str):
+    """Record the wall time of a block in times[name], in seconds."""
+    t = time.time()
+    yield
+    times[name] = round(time.time() - t, 1)
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
