@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
             style = models.prompt_style(args.model, tok)
             rng = random.Random(args.seed)
             log = train_loop(model, lambda epoch: data.finetune_epoch(tok, style, rows, args.batch_size, rng),
-                             lambda batch: train.finetune_loss(model, batch, tok.pad_token_id),
+                             lambda m, batch: train.finetune_loss(m, batch, tok.pad_token_id),
                              len(rows), args.finetune_lr, args.finetune_epochs, args, f"finetune-{name}", device)
             train.save_model_atomic(model, tok, stage_path, {"train_log.json": log})
             del model
@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
             retain_pool = retain if method.needs_retain(params) else None
             log = train_loop(model, lambda epoch: data.unlearning_epoch(tok, style, forget, templates, retain_pool,
                                                                          args.batch_size, rng),
-                             lambda batch: train.batch_loss(model, batch, method, params, tok.pad_token_id, ref),
+                             lambda m, batch: train.batch_loss(m, batch, method, params, tok.pad_token_id, ref),
                              len(forget), args.lr, args.epochs, args, f"unlearn-{args.method}", device)
             train.save_model_atomic(model, tok, unlearn_dir, {"train_log.json": log, "run_config.json": asdict(args)})
             del model, ref
@@ -214,7 +214,8 @@ def train_loop(model, epoch_batches, loss_fn, n_examples: int, lr: float, epochs
                device: str) -> list[dict]:
     """The explicit loop: AdamW, warmup then linear decay, gradient accumulation and clipping,
     a divergence check every micro-batch, a progress bar and one log line every --log-every steps.
-    Returns the logged records (the training log)."""
+    epoch_batches(epoch) gives an epoch's batches, loss_fn(model, batch) their per-sample loss and
+    diagnostics. Returns the logged records (the training log)."""
     n_batches = -(-n_examples // args.batch_size)
     per_epoch, total = train.steps_for(n_batches, args.grad_accum, epochs, args.max_steps)
     opt, sched = train.optimizer_and_schedule(model, lr, args.weight_decay, round(args.warmup_epochs * per_epoch),
@@ -226,7 +227,7 @@ def train_loop(model, epoch_batches, loss_fn, n_examples: int, lr: float, epochs
     for epoch in range(epochs):
         for batch in epoch_batches(epoch):
             with train.autocast(device, cuda and args.precision == "mixed"):
-                loss, diag = loss_fn(batch)
+                loss, diag = loss_fn(model, batch)
                 loss = loss.mean()
             train.check_finite(loss, step, stage)
             (loss / args.grad_accum).backward()

@@ -1,7 +1,6 @@
 """data.py: files, TOFU loading, prompt formats, answer-only labels, padding and batching."""
 import hashlib
 import random
-from pathlib import Path
 
 import pytest
 
