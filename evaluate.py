@@ -12,7 +12,7 @@ import scipy.stats
 import torch
 
 import data
-from flat import sequence_stats
+from flat import IGNORE_INDEX, sequence_stats
 
 # ---------------------------------------------------------------------------------------------
 # Pure metric functions
@@ -117,9 +117,9 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
         logits = model(input_ids=a["input_ids"], attention_mask=torch.cat([p["attention_mask"][owner],
                                                                            a["attention_mask"]], 1),
                        position_ids=a_pos, past_key_values=cache).logits           # (R, A, V)
-        # The prompt's last position predicts the first answer token: prepend it, and a -100 label.
+        # The prompt's last position predicts the first answer token: prepend it, and an ignored label.
         logits = torch.cat([pre.logits[owner], logits], 1)                          # (R, A + 1, V)
-        labels = torch.nn.functional.pad(a["labels"], (1, 0), value=-100)
+        labels = torch.nn.functional.pad(a["labels"], (1, 0), value=IGNORE_INDEX)
         nll = (-sequence_stats(logits, labels).logp_mean).tolist()
         for i in items:
             out[i], nll = nll[:len(replies[i])], nll[len(replies[i]):]

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from flat import Registry
+from flat import IGNORE_INDEX, Registry
 
 
 class ModelLoadError(RuntimeError):
@@ -106,7 +106,7 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """
     labels = batch["labels"]
     T = labels.shape[1]
-    first_scored = (labels != -100).int().argmax(1)              # (B,)
+    first_scored = (labels != IGNORE_INDEX).int().argmax(1)              # (B,)
     k = min(T, T - int(first_scored.min()) + 1)
     position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -103,8 +103,10 @@ def main(argv=None) -> dict:
         method = flat.LOSSES[args.method]
         flat.DIVERGENCES[args.divergence]
         if args.split not in data.SPLITS:
-            raise KeyError(f"unknown split {args.split!r}; valid: {', '.join(data.SPLITS)}")
+            raise flat.UnknownName(f"unknown split {args.split!r}; valid: {', '.join(data.SPLITS)}")
         retain_split = data.SPLITS[args.split]
+        if args.precision not in ("mixed", "bf16"):
+            raise flat.UnknownName(f"unknown precision {args.precision!r}; valid: mixed, bf16")
         models.check_name(args.model)
         forget = data.load_tofu(args.split, args.data_dir)
         retain = data.first_authors(data.load_tofu(retain_split, args.data_dir), args.retain_authors)

@@ -44,7 +44,7 @@ def parse_args(cls, argv=None):
 def optimizer_and_schedule(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
     """AdamW (no decay on biases and norm weights) with linear warmup then linear decay to zero."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
