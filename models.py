@@ -211,6 +211,7 @@ def embedded_model_dir() -> Path:
     plain.load_state_dict(quantized.state_dict(), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
     plain.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
     try:
