@@ -215,9 +215,9 @@ def unlearning_epoch(tokenizer, style: str, forget: list[dict], templates: list[
     """
     if not forget:
         raise DataError("the forget set is empty")
-    encoded = [encode_qa(tokenizer, style, r["question"], r["answer"]) for r in forget]
+    encoded, index_batches = _qa_batches(tokenizer, style, forget, batch_size, rng)
     batches = []
-    for idx in length_grouped_batches([len(e["input_ids"]) for e in encoded], batch_size, rng):
+    for idx in index_batches:
         batch = {"forget": [encoded[i] for i in idx]}
         if templates is not None:
             batch["template"] = [encode_qa(tokenizer, style, forget[i]["question"], rng.choice(templates))
@@ -233,6 +233,11 @@ def finetune_epoch(tokenizer, style: str, rows: list[dict], batch_size: int, rng
     """One epoch of plain QA batches (answer tokens scored) for fine-tuning."""
     if not rows:
         raise DataError("no fine-tuning data")
+    encoded, index_batches = _qa_batches(tokenizer, style, rows, batch_size, rng)
+    return [[encoded[i] for i in idx] for idx in index_batches]
+
+
+def _qa_batches(tokenizer, style: str, rows: list[dict], batch_size: int, rng: random.Random):
+    """The encoded QA pairs of rows, and length-bucketed batches of their indices."""
     encoded = [encode_qa(tokenizer, style, r["question"], r["answer"]) for r in rows]
-    return [[encoded[i] for i in idx]
-            for idx in length_grouped_batches([len(e["input_ids"]) for e in encoded], batch_size, rng)]
+    return encoded, length_grouped_batches([len(e["input_ids"]) for e in encoded], batch_size, rng)

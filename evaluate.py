@@ -13,6 +13,7 @@ import torch
 
 import data
 from flat import IGNORE_INDEX, sequence_stats
+from models import position_ids
 
 # ---------------------------------------------------------------------------------------------
 # Pure metric functions
@@ -104,7 +105,7 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
     for items in batches:
         p = {k: v.to(device) for k, v in data.collate([{"input_ids": prompts[i]} for i in items],
                                                       tokenizer.pad_token_id).items()}
-        p_pos = (p["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        p_pos = position_ids(p["attention_mask"])
         pre = model(input_ids=p["input_ids"], attention_mask=p["attention_mask"], position_ids=p_pos,
                     use_cache=True, logits_to_keep=1)
         owner = torch.tensor([n for n, i in enumerate(items) for _ in replies[i]], device=device)  # (R,)
@@ -152,13 +153,9 @@ def generate(model, tokenizer, style: str, questions: list[str], max_new_tokens:
 # TOFU
 # ---------------------------------------------------------------------------------------------
 
-# name -> (config, whether it is the forget set, answer the truth ratio treats as correct)
-TOFU_EVAL_SETS = {
-    "forget": (None, True, "paraphrased_answer"),              # config: f"{split}_perturbed"
-    "retain": ("retain_perturbed", False, "paraphrased_answer"),
-    "ra": ("real_authors_perturbed", False, "answer"),
-    "wf": ("world_facts_perturbed", False, "answer"),
-}
+# evaluation set -> the answer the truth ratio treats as correct. Sets without a paraphrase
+# (real authors, world facts) are multiple choice: their probability is normalised over the options.
+TOFU_EVAL_SETS = {"forget": "paraphrased_answer", "retain": "paraphrased_answer", "ra": "answer", "wf": "answer"}
 
 
 def evaluate_tofu_set(model, tokenizer, style: str, name: str, rows: list[dict], max_new_tokens: int = 200,
@@ -168,22 +165,19 @@ def evaluate_tofu_set(model, tokenizer, style: str, name: str, rows: list[dict],
     Returns (summary, per_item). Forget and retain use the raw probability of the answer; real
     authors and world facts normalise it over the options, p(a) / (p(a) + sum_j p(perturbed_j)).
     """
-    _, is_forget, correct_key = TOFU_EVAL_SETS[name]
+    correct_key, is_forget = TOFU_EVAL_SETS[name], name == "forget"
     questions = [r["question"] for r in rows]
-    with_para = correct_key != "answer"
+    with_para = correct_key != "answer"  # else multiple choice
     answers = [[r["answer"]] + ([r[correct_key]] if with_para else []) + list(r["perturbed_answer"]) for r in rows]
     nll = answer_nll(model, tokenizer, style, questions, answers, rows_per_batch=max(1, batch_size // 2))
     gt = np.array([n[0] for n in nll])
     correct = np.array([n[1] for n in nll]) if with_para else gt
     perturbed = np.array([n[2 if with_para else 1:] for n in nll])
     r = truth_ratio(correct, perturbed)
-    if name in ("ra", "wf"):
-        p = np.exp(-gt) / (np.exp(-gt) + np.exp(-perturbed).sum(1))
-    else:
-        p = np.exp(-gt)
+    p = np.exp(-gt) if with_para else np.exp(-gt) / (np.exp(-gt) + np.exp(-perturbed).sum(1))
     gens = generate(model, tokenizer, style, questions, max_new_tokens, batch_size)
     rouge = np.array(rouge_l_recall(gens, [r["answer"] for r in rows]))
-    prob_key = f"{name}_Q_A_Prob" + ("_normalised" if name in ("ra", "wf") else "")
+    prob_key = f"{name}_Q_A_Prob" + ("" if with_para else "_normalised")
     tr_key = "forget_truth_ratio" if is_forget else f"{name}_Truth_Ratio"
     summary = {prob_key: float(p.mean()), f"{name}_Q_A_ROUGE": float(rouge.mean()),
                tr_key: truth_ratio_score(r, is_forget)}

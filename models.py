@@ -106,12 +106,19 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     """
     labels = batch["labels"]
     T = labels.shape[1]
+    if not bool(batch["attention_mask"][:, -1].all()):
+        raise ValueError("answer_logits needs left-padded rows (data.collate's default)")
     first_scored = (labels != IGNORE_INDEX).int().argmax(1)              # (B,)
     k = min(T, T - int(first_scored.min()) + 1)
-    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=position_ids, logits_to_keep=k).logits
+                   position_ids=position_ids(batch["attention_mask"]), logits_to_keep=k).logits
     return logits, labels[:, -k:]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so left padding shifts nothing.
+    Shape: attention_mask (B, T) -> (B, T)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def frozen_copy(model):
