@@ -370,7 +370,7 @@ class Method:
     call: Callable[[dict, LossParams], Tensor]
     template: bool = False        # a template answer y_e to each forget question
     retain: bool = False          # a retain (normal) example paired with each forget example
-    reference: bool = False       # a frozen copy of the model before unlearning
+    reference: tuple = ()         # streams a frozen copy of the model before unlearning must score
     optional_retain: bool = False  # uses a retain example when params.npo_retain is set
 
     def needs_retain(self, params: LossParams) -> bool:
@@ -388,15 +388,15 @@ LOSSES = Registry("loss", {
     "gd": Method(lambda s, p: gd_loss(s["forget"].logp_mean, s["retain"].logp_mean, p.retain_weight),
                  retain=True),
     "kl": Method(lambda s, p: kl_loss(s["forget"].logp_mean, s["retain_kl"], p.retain_weight),
-                 retain=True, reference=True),
+                 retain=True, reference=("retain",)),
     "idk": Method(lambda s, p: idk_loss(s["template"].logp_mean, s["retain"].logp_mean, p.retain_weight),
                   template=True, retain=True),
     "dpo": Method(lambda s, p: dpo_loss(s["template"].logp_sum, s["forget"].logp_sum,
                                         s["ref_template"].logp_sum, s["ref_forget"].logp_sum, p.beta),
-                  template=True, reference=True),
+                  template=True, reference=("forget", "template")),
     "npo": Method(lambda s, p: npo_loss(s["forget"].logp_sum, s["ref_forget"].logp_sum, p.beta,
                                         _retain_or_none(s, p), p.retain_weight),
-                  reference=True, optional_retain=True),
+                  reference=("forget",), optional_retain=True),
     "simnpo": Method(lambda s, p: simnpo_loss(s["forget"].logp_mean, p.simnpo_beta, p.simnpo_delta,
                                               _retain_or_none(s, p), p.retain_weight),
                      optional_retain=True),
@@ -404,5 +404,5 @@ LOSSES = Registry("loss", {
     # examples are the normal (TruthfulQA) data the KL term is taken on.
     "llmu": Method(lambda s, p: llmu_loss(s["forget"].logp_mean, s["template"].logp_mean, s["retain_kl"],
                                           p.eps1, p.eps2, p.eps3),
-                   template=True, retain=True, reference=True),
+                   template=True, retain=True, reference=("retain",)),
 })

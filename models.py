@@ -140,6 +140,22 @@ def check_name(name: str) -> None:
         _resolve(name)
 
 
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of a model (alias, directory or Hub id) without loading its weights."""
+    from transformers import AutoTokenizer
+    path = _resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except OSError:
+        if os.path.isdir(path) or not hub_reachable():
+            raise ModelLoadError(f"cannot load the tokenizer of {name!r} ({path}): not found locally and the "
+                                 f"Hugging Face Hub is unreachable") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _resolve(name: str) -> str:
     """Local directory for an alias, a directory or a Hub id; raises with the valid names otherwise."""
     if name in MODELS:

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import data
 import evaluate
@@ -152,7 +149,7 @@ def main(argv=None) -> dict:
                                            args.trust_remote_code)
             style = models.prompt_style(args.model, tok)
             rng = random.Random(args.seed)
-            log = train_loop(model, lambda epoch: data.finetune_epoch(tok, style, rows, args.batch_size, rng),
+            log = train.train_loop(model, lambda epoch: data.finetune_epoch(tok, style, rows, args.batch_size, rng),
                              lambda m, batch: train.finetune_loss(m, batch, tok.pad_token_id),
                              len(rows), args.finetune_lr, args.finetune_epochs, args, f"finetune-{name}", device)
             train.save_model_atomic(model, tok, stage_path, {"train_log.json": log})
@@ -173,7 +170,7 @@ def main(argv=None) -> dict:
             ref = models.frozen_copy(model) if method.reference else None
             rng = random.Random(args.seed)
             retain_pool = retain if method.needs_retain(params) else None
-            log = train_loop(model, lambda epoch: data.unlearning_epoch(tok, style, forget, templates, retain_pool,
+            log = train.train_loop(model, lambda epoch: data.unlearning_epoch(tok, style, forget, templates, retain_pool,
                                                                          args.batch_size, rng),
                              lambda m, batch: train.batch_loss(m, batch, method, params, tok.pad_token_id, ref),
                              len(forget), args.lr, args.epochs, args, f"unlearn-{args.method}", device)
@@ -210,56 +207,6 @@ def main(argv=None) -> dict:
     train.write_json(out / "eval_items.json", {name: r["items"] for name, r in results.items()})
     print_table(report, args)
     return report
-
-
-def train_loop(model, epoch_batches, loss_fn, n_examples: int, lr: float, epochs: int, args: Args, stage: str,
-               device: str) -> list[dict]:
-    """The explicit loop: AdamW, warmup then linear decay, gradient accumulation and clipping,
-    a divergence check every micro-batch, a progress bar and one log line every --log-every steps.
-    epoch_batches(epoch) gives an epoch's batches, loss_fn(model, batch) their per-sample loss and
-    diagnostics. Returns the logged records (the training log)."""
-    n_batches = -(-n_examples // args.batch_size)
-    per_epoch, total = train.steps_for(n_batches, args.grad_accum, epochs, args.max_steps)
-    opt, sched = train.optimizer_and_schedule(model, lr, args.weight_decay, round(args.warmup_epochs * per_epoch),
-                                              total)
-    cuda = str(device).startswith("cuda")
-    model.train()
-    log, step, micro, window, t_last = [], 0, 0, [], time.time()
-    bar = tqdm(total=total, desc=stage, leave=False)
-    for epoch in range(epochs):
-        for batch in epoch_batches(epoch):
-            with train.autocast(device, cuda and args.precision == "mixed"):
-                loss, diag = loss_fn(model, batch)
-                loss = loss.mean()
-            train.check_finite(loss, step, stage)
-            (loss / args.grad_accum).backward()
-            micro += 1
-            window.append({"loss": loss.item(), **diag})
-            if micro % args.grad_accum and micro < epochs * n_batches:
-                continue
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update()
-            if step % args.log_every == 0 or step == total:
-                now = time.time()
-                mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                line = train.log_line(stage, step, total, mean.pop("loss"), sched.get_last_lr()[0],
-                                      (now - t_last) / len(window) * args.grad_accum, mean)
-                tqdm.write(line)
-                log.append({"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                                    "loss": float(np.mean([w["loss"] for w in window])), **mean})
-                window, t_last = [], now
-            if step >= total:
-                break
-        if step >= total:
-            break
-    bar.close()
-    train.check_finite_weights(model, step, stage)
-    model.eval()
-    return log
 
 
 TABLE = [("FQ", "forget_quality", ".2e"), ("MU", "model_utility", ".3f"), ("forget P", "forget_Q_A_Prob", ".3f"),

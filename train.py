@@ -15,7 +15,9 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import data
 import flat
@@ -78,6 +80,56 @@ def check_finite_weights(model, step: int, stage: str) -> None:
                                  f"saving (try a lower --lr)")
 
 
+def train_loop(model, epoch_batches, loss_fn, n_examples: int, lr: float, epochs: int, args, stage: str,
+               device: str) -> list[dict]:
+    """The explicit loop: AdamW, warmup then linear decay, gradient accumulation and clipping,
+    a divergence check every micro-batch, a progress bar and one log line every --log-every steps.
+    epoch_batches(epoch) gives an epoch's batches, loss_fn(model, batch) their per-sample loss and
+    diagnostics. `args` supplies batch_size, grad_accum, max_steps, weight_decay,
+    warmup_epochs, max_grad_norm, precision and log_every. Returns the logged records (the training log)."""
+    n_batches = -(-n_examples // args.batch_size)
+    per_epoch, total = steps_for(n_batches, args.grad_accum, epochs, args.max_steps)
+    opt, sched = optimizer_and_schedule(model, lr, args.weight_decay, round(args.warmup_epochs * per_epoch), total)
+    cuda = str(device).startswith("cuda")
+    model.train()
+    log, step, micro, window, t_last = [], 0, 0, [], time.time()
+    bar = tqdm(total=total, desc=stage, leave=False)
+    for epoch in range(epochs):
+        for batch in epoch_batches(epoch):
+            with autocast(device, cuda and args.precision == "mixed"):
+                loss, diag = loss_fn(model, batch)
+                loss = loss.mean()
+            check_finite(loss, step, stage)
+            (loss / args.grad_accum).backward()
+            micro += 1
+            window.append({"loss": loss.item(), **diag})
+            if micro % args.grad_accum and micro < epochs * n_batches:
+                continue
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            if step % args.log_every == 0 or step == total:
+                now = time.time()
+                mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                line = log_line(stage, step, total, mean.pop("loss"), sched.get_last_lr()[0],
+                                      (now - t_last) / len(window) * args.grad_accum, mean)
+                tqdm.write(line)
+                log.append({"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                                    "loss": float(np.mean([w["loss"] for w in window])), **mean})
+                window, t_last = [], now
+            if step >= total:
+                break
+        if step >= total:
+            break
+    bar.close()
+    check_finite_weights(model, step, stage)
+    model.eval()
+    return log
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward pass: one batch of streams -> statistics -> loss
 # ---------------------------------------------------------------------------------------------
@@ -96,20 +148,24 @@ def batch_loss(model, batch: dict[str, list[dict]], method: flat.Method, params:
     device = next(model.parameters()).device
     b = {k: v.to(device) for k, v in b.items()}
     logits, labels = models.answer_logits(model, b)  # (sum B_s, k, V), (sum B_s, k)
-    ref_logits = None
-    if ref_model is not None:
-        with torch.no_grad():
-            ref_logits, _ = models.answer_logits(ref_model, b)
-    stats, start = {}, 0
+    rows, start = {}, 0
     for s, n in zip(streams, sizes):
-        rows = slice(start, start + n)
-        start += n
-        stats[s] = flat.sequence_stats(logits[rows], labels[rows])
-        if ref_logits is not None:
+        rows[s], start = slice(start, start + n), start + n
+    stats = {s: flat.sequence_stats(logits[rows[s]], labels[rows[s]]) for s in streams}
+    ref_streams = [s for s in streams if s in method.reference] if ref_model is not None else []
+    if ref_streams:  # the reference runs only on the rows its terms read
+        lo, hi = rows[ref_streams[0]].start, rows[ref_streams[-1]].stop  # streams are contiguous
+        first = int(b["attention_mask"][lo:hi].any(0).int().argmax())      # drop columns that are all padding
+        with torch.no_grad():
+            ref_logits, ref_labels = models.answer_logits(ref_model, {k: v[lo:hi, first:] for k, v in b.items()})
+        k = min(ref_logits.shape[1], logits.shape[1])
+        for s in ref_streams:
+            r = slice(rows[s].start - lo, rows[s].stop - lo)
             if s == "retain":
-                stats["retain_kl"] = flat.kl_to_reference(logits[rows], ref_logits[rows], labels[rows])
+                stats["retain_kl"] = flat.kl_to_reference(logits[rows[s], -k:], ref_logits[r, -k:],
+                                                          labels[rows[s], -k:])
             else:
-                stats["ref_" + s] = flat.sequence_stats(ref_logits[rows], labels[rows])
+                stats["ref_" + s] = flat.sequence_stats(ref_logits[r], ref_labels[r])
     loss = method.call(stats, params)
     diag = {f"p_{s}": stats[s].prob_mean.mean().item() for s in streams}
     if "retain_kl" in stats:

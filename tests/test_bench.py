@@ -1,0 +1,64 @@
+"""Every optimisation against the reference pattern: the fast training step gives the same losses
+and gradients, and the fast TOFU evaluation the same metric values, on a tiny model."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import data
+import evaluate
+import flat
+import models
+import train
+
+
+def _batch(tok, method, params, seed=0):
+    forget = data.load_tofu("forget01")[:6]
+    templates = data.load_idk() if method.template else None
+    retain = data.load_tofu("retain99")[:40] if method.needs_retain(params) else None
+    return data.unlearning_epoch(tok, "base", forget, templates, retain, 3, random.Random(seed))[0]
+
+
+@pytest.mark.parametrize("name", sorted(flat.LOSSES))
+def test_fast_training_step_matches_the_reference_pattern(tiny_model_dir, name):
+    model, tok = models.load_model(tiny_model_dir, "cpu")
+    method, params = flat.LOSSES[name], flat.LossParams(npo_retain=True)
+    ref = models.frozen_copy(model) if method.reference else None
+    with torch.no_grad():  # the model must differ from its reference, or KL and NPO terms are trivial
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = _batch(tok, method, params)
+    grads = {}
+    for impl, fn in [("ours", train.batch_loss), ("reference", bench.reference_batch_loss)]:
+        model.zero_grad()
+        loss, _ = fn(model, batch, method, params, tok.pad_token_id, ref, **({} if impl == "ours" else {"length": 400}))
+        loss.sum().backward()
+        grads[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(grads["ours"][0], grads["reference"][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads["ours"][1], grads["reference"][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_tofu_evaluation_matches_the_reference_pattern(tiny_model_dir):
+    model, tok = models.load_model(tiny_model_dir, "cpu")
+    rows = data.load_tofu("forget01_perturbed")[:5]
+    fast, fast_items = evaluate.evaluate_tofu_set(model, tok, "base", "forget", rows, 12, 4)
+    slow, slow_items = evaluate.evaluate_tofu_set(
+        model, tok, "base", "forget", rows, 12, 4,
+        nll_fn=lambda *a, **k: bench.reference_answer_nll(*a, **k, length=200), generate_fn=bench.reference_generate)
+    assert fast.keys() == slow.keys()
+    for k in fast:
+        assert fast[k] == pytest.approx(slow[k], rel=1e-4, abs=1e-6), k
+    assert fast_items["generation"] == slow_items["generation"]
+    np.testing.assert_allclose(fast_items["perturbed_nll"], slow_items["perturbed_nll"], rtol=1e-4)
+
+
+def test_bench_runs_and_writes_its_table(tiny_model_dir, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    bench.main(["--models", tiny_model_dir, "--methods", "flat", "--steps", "1", "--eval-items", "1",
+                "--out", str(out)])
+    text = out.read_text()
+    assert "| flat | off | ours |" in text and "| flat | off | reference |" in text
+    assert "| yes |" in text and "GFLOP/s" in text
