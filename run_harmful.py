@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +33,7 @@ from train import arg
 
 
 @dataclass
-class Args:
+class Args(train.LossFlags):
     model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
     method: str = arg("llmu", "unlearning loss, a key of flat.LOSSES (llmu, ga, flat, ...)")
     forget_items: Optional[int] = arg(None, "use the first N forget pairs (default: all)")
@@ -66,16 +66,6 @@ class Args:
     trust_remote_code: bool = arg(False, "allow model code from the Hub")
     seed: int = arg(0, "seed of the TruthfulQA split, data order and random draws")
     log_every: int = arg(10, "optimiser steps between log lines")
-    # loss hyperparameters (flat.LossParams)
-    eps1: float = arg(0.5, "llmu: gradient-ascent weight")
-    eps2: float = arg(1.0, "llmu: random-answer (mismatch) weight")
-    eps3: float = arg(1.0, "llmu: KL-to-original weight on TruthfulQA")
-    divergence: str = arg("kl", "flat: f-divergence, a key of flat.DIVERGENCES")
-    beta: float = arg(0.1, "dpo, npo: beta")
-    simnpo_beta: float = arg(2.5, "simnpo: beta")
-    simnpo_delta: float = arg(0.0, "simnpo: reward margin")
-    retain_weight: float = arg(1.0, "weight of the retain (TruthfulQA) term of gd, kl, idk")
-    npo_retain: bool = arg(False, "npo, simnpo: add the retain NLL")
 
 
 # Yao et al.'s settings (official code): AdamW lr 2e-6, batch 2, 1000 steps, linear decay, no
@@ -92,14 +82,7 @@ PRESETS = {
 
 
 def resolve(args: Args) -> Args:
-    for key, value in {**PAPER, **PRESETS.get(args.model, {})}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-def loss_params(args: Args) -> flat.LossParams:
-    return flat.LossParams(**{f.name: getattr(args, f.name) for f in fields(flat.LossParams)})
+    return train.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {})})
 
 
 def main(argv=None) -> dict:
@@ -130,7 +113,7 @@ def main(argv=None) -> dict:
     device = args.device or models.default_device()
     cuda = str(device).startswith("cuda")
     train_dtype = torch.bfloat16 if cuda and args.precision == "bf16" else torch.float32
-    params = loss_params(args)
+    params = train.loss_params(args)
     times: dict[str, float] = {}
     random.seed(args.seed)
     torch.manual_seed(args.seed)

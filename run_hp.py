@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +38,7 @@ TEMPLATES = ("refusal", "wikitext")
 
 
 @dataclass
-class Args:
+class Args(train.LossFlags):
     model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
     method: str = arg("flat", "unlearning loss, a key of flat.LOSSES")
     corpus: str = arg("book", "'book' (--text files) or 'muse-news'")
@@ -71,16 +71,6 @@ class Args:
     trust_remote_code: bool = arg(False, "allow model code from the Hub")
     seed: int = arg(0, "seed of data order and template draws")
     log_every: int = arg(5, "optimiser steps between log lines")
-    # loss hyperparameters (flat.LossParams)
-    divergence: str = arg("kl", "flat: f-divergence, a key of flat.DIVERGENCES")
-    beta: float = arg(0.1, "dpo, npo: beta")
-    simnpo_beta: float = arg(2.5, "simnpo: beta")
-    simnpo_delta: float = arg(0.0, "simnpo: reward margin")
-    retain_weight: float = arg(1.0, "weight of the retain (WikiText) term of gd, kl, idk")
-    npo_retain: bool = arg(False, "npo, simnpo: add the retain NLL")
-    eps1: float = arg(0.5, "llmu: gradient-ascent weight")
-    eps2: float = arg(1.0, "llmu: template-answer weight")
-    eps3: float = arg(1.0, "llmu: KL weight on WikiText")
 
 
 # FLAT's HP setting: 400 chunks, lr 2e-7 (Llama-2), batch 4 x 4 x 2 GPUs, 5 epochs. Chunk and prompt
@@ -96,15 +86,8 @@ MUSE_SETTINGS = dict(max_new_tokens=128)
 
 
 def resolve(args: Args) -> Args:
-    preset = {**PAPER, **PRESETS.get(args.model, {}), **(MUSE_SETTINGS if args.corpus == "muse-news" else {})}
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-def loss_params(args: Args) -> flat.LossParams:
-    return flat.LossParams(**{f.name: getattr(args, f.name) for f in fields(flat.LossParams)})
+    return train.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {}),
+                                      **(MUSE_SETTINGS if args.corpus == "muse-news" else {})})
 
 
 def main(argv=None) -> dict:
@@ -140,7 +123,7 @@ def main(argv=None) -> dict:
     device = args.device or models.default_device()
     cuda = str(device).startswith("cuda")
     train_dtype = torch.bfloat16 if cuda and args.precision == "bf16" else torch.float32
-    params = loss_params(args)
+    params = train.loss_params(args)
     times: dict[str, float] = {}
     random.seed(args.seed)
     torch.manual_seed(args.seed)

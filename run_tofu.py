@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +28,7 @@ from train import arg
 
 
 @dataclass
-class Args:
+class Args(train.LossFlags):
     model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
     method: str = arg("flat", "unlearning loss, a key of flat.LOSSES")
     split: str = arg("forget01", "forget split: forget01, forget05 or forget10")
@@ -54,16 +54,6 @@ class Args:
     trust_remote_code: bool = arg(False, "allow model code from the Hub")
     seed: int = arg(0, "seed of weights order, template and retain draws")
     log_every: int = arg(5, "optimiser steps between log lines")
-    # loss hyperparameters (flat.LossParams)
-    divergence: str = arg("kl", "FLAT's f-divergence, a key of flat.DIVERGENCES")
-    beta: float = arg(0.1, "dpo, npo: beta")
-    simnpo_beta: float = arg(2.5, "simnpo: beta")
-    simnpo_delta: float = arg(0.0, "simnpo: reward margin")
-    retain_weight: float = arg(1.0, "weight of the retain term (gd, kl, idk; npo/simnpo with --npo-retain)")
-    npo_retain: bool = arg(False, "npo, simnpo: add the retain NLL")
-    eps1: float = arg(0.5, "llmu: gradient-ascent weight")
-    eps2: float = arg(1.0, "llmu: random-answer weight")
-    eps3: float = arg(1.0, "llmu: KL weight")
 
 
 # Settings that default per model. TOFU's protocol (Maini et al. 2024; open-unlearning): 5 epochs of
@@ -81,15 +71,7 @@ PRESETS = {
 
 
 def resolve(args: Args) -> Args:
-    preset = {**TOFU_PROTOCOL, **PRESETS.get(args.model, {})}
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-def loss_params(args: Args) -> flat.LossParams:
-    return flat.LossParams(**{f.name: getattr(args, f.name) for f in fields(flat.LossParams)})
+    return train.fill_defaults(args, {**TOFU_PROTOCOL, **PRESETS.get(args.model, {})})
 
 
 def main(argv=None) -> dict:
@@ -125,7 +107,7 @@ def main(argv=None) -> dict:
     device = args.device or models.default_device()
     cuda = str(device).startswith("cuda")
     train_dtype = torch.bfloat16 if cuda and args.precision == "bf16" else torch.float32
-    params = loss_params(args)
+    params = train.loss_params(args)
     times: dict[str, float] = {}
     random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -39,6 +39,32 @@ def parse_args(cls, argv=None):
     return cls(**vars(args))
 
 
+@dataclasses.dataclass
+class LossFlags:
+    """The flags of flat.LossParams, shared by the runners: each runner's Args extends this."""
+    divergence: str = arg("kl", "flat: FLAT's f-divergence, a key of flat.DIVERGENCES")
+    beta: float = arg(0.1, "dpo, npo: beta")
+    simnpo_beta: float = arg(2.5, "simnpo: beta")
+    simnpo_delta: float = arg(0.0, "simnpo: reward margin")
+    retain_weight: float = arg(1.0, "weight of the retain term (gd, kl, idk; npo/simnpo with --npo-retain)")
+    npo_retain: bool = arg(False, "npo, simnpo: add the retain NLL")
+    eps1: float = arg(0.5, "llmu: gradient-ascent weight")
+    eps2: float = arg(1.0, "llmu: random-answer (mismatch) weight")
+    eps3: float = arg(1.0, "llmu: KL-to-original weight on the retain data")
+
+
+def loss_params(args) -> flat.LossParams:
+    return flat.LossParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(flat.LossParams)})
+
+
+def fill_defaults(args, defaults: dict):
+    """Set each flag left at None to its value in `defaults` (a protocol, then a model's preset)."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimisation
 # ---------------------------------------------------------------------------------------------
