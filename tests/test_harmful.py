@@ -131,10 +131,10 @@ def test_probe_on_smollm2_beats_chance_on_held_out_labelled_responses():
     prompts, measured on 200 labelled responses to held-out prompts."""
     forget, held_out = data.load_pku()
     rng = random.Random(0)
-    import run_harmful
-    tr = run_harmful.balanced([(r["question"], r["answer"], 1) for r in forget]
+    import judges
+    tr = judges.balanced([(r["question"], r["answer"], 1) for r in forget]
                               + [(r["question"], r["safe_answer"], 0) for r in forget], 200, rng)
-    ev = run_harmful.balanced([(p["question"], a, 1) for p in held_out for a in p["harmful_answers"]]
+    ev = judges.balanced([(p["question"], a, 1) for p in held_out for a in p["harmful_answers"]]
                               + [(p["question"], a, 0) for p in held_out for a in p["safe_answers"]], 200, rng)
     model, tok = models.load_model("smollm2-135m", "cpu")
     layer = model.config.num_hidden_layers // 2
