@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 import data
 import evaluate
@@ -110,14 +108,9 @@ def main(argv=None) -> dict:
     tqa_answers = [r["answer"] for r in tqa_test[:n_eval]]
     unseen_answers = [(p["harmful_answers"][0], p["safe_answers"][0]) for p in held_out[:n_eval]]
 
-    out = Path(args.out or f"runs/harmful-{re.sub(r'[^A-Za-z0-9._-]+', '_', args.model)}")
-    device = args.device or models.default_device()
-    cuda = str(device).startswith("cuda")
-    train_dtype = torch.bfloat16 if cuda and args.precision == "bf16" else torch.float32
+    out, device, cuda, train_dtype = train.setup_run(args, f"runs/harmful-{train.safe_name(args.model)}")
     params = train.loss_params(args)
     times: dict[str, float] = {}
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
     print(f"[harmful] {args.model} | {len(forget)} forget pairs | method {args.method} | device {device} | out {out}")
     data_key = dict(items=args.forget_items, data_dir=args.data_dir, hub=args.hub_data)
 

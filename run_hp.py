@@ -18,13 +18,11 @@ on any plain-text book) and on MUSE-News (Shi et al. 2024).
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 import data
 import evaluate
@@ -119,14 +117,9 @@ def main(argv=None) -> dict:
         train.fail(f"--prompt-tokens {args.prompt_tokens} must be below --chunk-tokens {args.chunk_tokens}")
 
     name = args.corpus if args.corpus == "muse-news" else "-".join(Path(p).stem for p in args.text) or "book"
-    out = Path(args.out or f"runs/hp-{re.sub(r'[^A-Za-z0-9._-]+', '_', args.model)}-{name}")
-    device = args.device or models.default_device()
-    cuda = str(device).startswith("cuda")
-    train_dtype = torch.bfloat16 if cuda and args.precision == "bf16" else torch.float32
+    out, device, cuda, train_dtype = train.setup_run(args, f"runs/hp-{train.safe_name(args.model)}-{name}")
     params = train.loss_params(args)
     times: dict[str, float] = {}
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
 
     # -- data: chunks of the tokenised text ------------------------------------------------------------
     tok = models.load_tokenizer(args.model, args.trust_remote_code)

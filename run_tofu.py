@@ -12,12 +12,9 @@ reuses the fine-tuned models and their evaluations and redoes only what changed.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional
 
-import torch
 
 import data
 import evaluate
@@ -103,14 +100,9 @@ def main(argv=None) -> dict:
     if not forget:
         train.fail(f"the forget set {args.split} is empty")
 
-    out = Path(args.out or f"runs/tofu-{re.sub(r'[^A-Za-z0-9._-]+', '_', args.model)}-{args.split}")
-    device = args.device or models.default_device()
-    cuda = str(device).startswith("cuda")
-    train_dtype = torch.bfloat16 if cuda and args.precision == "bf16" else torch.float32
+    out, device, cuda, train_dtype = train.setup_run(args, f"runs/tofu-{train.safe_name(args.model)}-{args.split}")
     params = train.loss_params(args)
     times: dict[str, float] = {}
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
     print(f"[tofu] {args.model} | {args.split} ({len(forget)} forget QA) | retain {len(retain)} QA | "
           f"method {args.method} | device {device} | out {out}")
 

@@ -8,6 +8,8 @@ import hashlib
 import json
 import math
 import os
+import random
+import re
 import shutil
 import sys
 import tempfile
@@ -55,6 +57,22 @@ class LossFlags:
 
 def loss_params(args) -> flat.LossParams:
     return flat.LossParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(flat.LossParams)})
+
+
+def setup_run(args, default_out: str):
+    """(run directory, device, whether it is CUDA, training dtype) from the common flags, and the
+    Python and torch seeds set."""
+    out = Path(args.out or default_out)
+    device = args.device or models.default_device()
+    cuda = str(device).startswith("cuda")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return out, device, cuda, torch.bfloat16 if cuda and args.precision == "bf16" else torch.float32
+
+
+def safe_name(name: str) -> str:
+    """A model name or path as one directory-name component."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def fill_defaults(args, defaults: dict):
