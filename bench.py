@@ -206,9 +206,8 @@ def peak_memory_gb(device: str) -> float:
 
 def worker_train(cfg: dict) -> dict:
     device, gc = cfg["device"], cfg["gc"]
-    cuda = device.startswith("cuda")
-    model, tok = load(cfg["model"], device, torch.float32 if not cuda or cfg["precision"] == "mixed" else torch.bfloat16,
-                      gc)
+    compute = models.resolve_compute(device, cfg["precision"], gc)
+    model, tok = load(cfg["model"], device, compute.train_dtype, gc)
     method, params = flat.LOSSES[cfg["method"]], flat.LossParams()
     ref = models.frozen_copy(model) if method.reference else None
     style = models.prompt_style(cfg["model"], tok) if cfg["model"] not in ARCHS else "base"
@@ -222,7 +221,7 @@ def worker_train(cfg: dict) -> dict:
     for i, batch in enumerate(batches):
         sync(device)
         t = time.perf_counter()
-        with train.autocast(device, cuda and cfg["precision"] == "mixed"):
+        with compute.autocast():
             loss, _ = fn(model, batch, method, params, tok.pad_token_id, ref)
             loss = loss.mean()
         loss.backward()
@@ -243,15 +242,15 @@ def worker_train(cfg: dict) -> dict:
 
 def worker_eval(cfg: dict) -> dict:
     device = cfg["device"]
-    model, tok = load(cfg["model"], device, None, False)
+    compute = models.resolve_compute(device)
+    model, tok = load(cfg["model"], device, compute.eval_dtype, False)
     style = models.prompt_style(cfg["model"], tok) if cfg["model"] not in ARCHS else "base"
     rows = data.load_tofu("forget10_perturbed")[:cfg["items"]]
     kw = {} if cfg["impl"] == "ours" else dict(nll_fn=reference_answer_nll, generate_fn=reference_generate)
     sync(device)
     t = time.perf_counter()
-    with train.autocast(device, device.startswith("cuda")):
-        summary, _ = evaluate.evaluate_tofu_set(model, tok, style, "forget", rows, FIXED_NEW_TOKENS,
-                                                cfg["batch_size"], **kw)
+    summary, _ = evaluate.evaluate_tofu_set(model, tok, style, "forget", rows, FIXED_NEW_TOKENS,
+                                            cfg["batch_size"], **kw)
     sync(device)
     dt = time.perf_counter() - t
     return {"eval_s": dt, "items_per_s": len(rows) / dt, "peak_gb": peak_memory_gb(device), "summary": summary}
@@ -260,7 +259,8 @@ def worker_eval(cfg: dict) -> dict:
 def worker_memory(cfg: dict) -> dict:
     """Peak memory of one FLAT step on a fixed batch of random tokens (CUDA)."""
     device = cfg["device"]
-    model, _ = load(cfg["model"], device, torch.float32 if cfg["precision"] == "mixed" else torch.bfloat16, cfg["gc"])
+    compute = models.resolve_compute(device, cfg["precision"], cfg["gc"])
+    model, _ = load(cfg["model"], device, compute.train_dtype, cfg["gc"])
     B, T, V = cfg["batch_size"], cfg["length"], model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(0, V, (T,), generator=g).tolist()} for _ in range(2 * B)]
@@ -270,7 +270,7 @@ def worker_memory(cfg: dict) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
     try:
         for _ in range(2):
-            with train.autocast(device, cfg["precision"] == "mixed"):
+            with compute.autocast():
                 loss, _ = train.batch_loss(model, batch, flat.LOSSES["flat"], flat.LossParams(), 0)
             loss.mean().backward()
             opt.step()
@@ -311,34 +311,53 @@ def spawn(cfg: dict) -> dict:
 # The run and its table
 # ---------------------------------------------------------------------------------------------
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 is an error, never "use the default")."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", nargs="+", default=None, help="default: smollm2-135m on CPU, the ARCHS on CUDA")
     ap.add_argument("--methods", nargs="+", default=["flat", "ga", "npo", "llmu"])
-    ap.add_argument("--batch-size", type=int, default=None, help="forget examples per step (CPU 4, CUDA 8)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (CPU 3, CUDA 10)")
-    ap.add_argument("--eval-items", type=int, default=None, help="forget10 items evaluated (CPU 16, CUDA 100)")
+    ap.add_argument("--batch-size", type=positive, default=None, help="forget examples per step (CPU 4, CUDA 8)")
+    ap.add_argument("--steps", type=positive, default=None, help="timed steps per measurement (CPU 3, CUDA 10)")
+    ap.add_argument("--eval-items", type=positive, default=None, help="forget10 items evaluated (CPU 16, CUDA 100)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--gc", choices=["on", "off", "both"], default=None, help="gradient checkpointing (CPU off, CUDA both)")
-    ap.add_argument("--precision", default="mixed", choices=["mixed", "bf16"])
-    ap.add_argument("--memory", action="store_true", help="CUDA: peak memory of FLAT at batch 16 x 512 tokens")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
+    ap.add_argument("--precision", default="auto", choices=list(models.PRECISIONS),
+                    help="auto: mixed (bf16 autocast over fp32 weights) on CUDA, fp32 on CPU")
+    ap.add_argument("--memory", action="store_true", help="CUDA: measured peak memory at batch 16 x 512 tokens")
+    ap.add_argument("--plan-memory", action="store_true",
+                    help="estimate peak memory per setting on fake tensors (no GPU, no weights): bench/MEMORY.md")
+    ap.add_argument("--out", default=None, help="default: bench/RESULTS.md (bench/MEMORY.md with --plan-memory)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         cfg = json.loads(args.worker)
         print(json.dumps(WORKERS[cfg.pop("kind")](cfg)))
         return
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        train.fail("--device cuda, but CUDA is not available here")
-    for m in args.methods:
-        flat.LOSSES[m]
+    try:
+        compute = models.resolve_compute(args.device, args.precision)
+        for m in args.methods:
+            flat.LOSSES[m]
+        for name in args.models or []:
+            if name not in ARCHS:
+                models.check_name(name)
+    except (ValueError, KeyError, models.ModelLoadError) as e:
+        train.fail(str(e))
+    if args.plan_memory:
+        return plan_memory_table(args, Path(args.out or ROOT / "bench" / "MEMORY.md"))
+    args.out = args.out or str(ROOT / "bench" / "RESULTS.md")
+    cuda = compute.device.startswith("cuda")
     model_names = args.models or (list(ARCHS) if cuda else ["smollm2-135m"])
-    bs = args.batch_size or (8 if cuda else 4)
-    steps = args.steps or (10 if cuda else 3)
-    items = args.eval_items or (100 if cuda else 16)
+    bs = args.batch_size if args.batch_size is not None else (8 if cuda else 4)
+    steps = args.steps if args.steps is not None else (10 if cuda else 3)
+    items = args.eval_items if args.eval_items is not None else (100 if cuda else 16)
     gcs = {"on": [True], "off": [False], "both": [False, True]}[args.gc or ("both" if cuda else "off")]
     dtype = torch.bfloat16 if cuda else torch.float32
     rate = matmul_rate(args.device, dtype, 8192 if cuda else 2048)

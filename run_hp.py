@@ -2,220 +2,276 @@
 on any plain-text book) and on MUSE-News (Shi et al. 2024).
 
     python run_hp.py                                  # offline default: a public-domain book
-    python run_hp.py --text my_book.txt --method npo  # any book(s), any loss in flat.LOSSES
-    python run_hp.py --corpus muse-news               # MUSE-News: VerbMem and KnowMem
+    python run_hp.py --text my_book.txt --method npo  # any book(s), any loss(es) in flat.LOSSES
+    python run_hp.py --corpus muse-news               # MUSE-News: VerbMem, KnowMem, PrivLeak
 
-1. The text is cut into chunks of --chunk-tokens tokens; the end of the book (--held-out-fraction)
-   is held out, and the first --n-chunks chunks of the rest are the forget set.
-2. The original model is the base model fine-tuned on the forget chunks (cached), so that there
-   is something to forget; the reference model is the base model, which never saw the text.
-3. Unlearning (default FLAT-KL) treats each forget chunk as a prompt (its first --prompt-tokens
-   tokens) and a continuation; the template continuation is a refusal or a WikiText passage.
-4. Each model continues the prompts of forget and held-out chunks greedily; BLEU and ROUGE-L recall
-   against the true continuation, FLAT's forget quality gap against the reference model, and
-   perplexity on WikiText-2 and on a book never trained on.
+1. Book: the text is cut into chunks of --chunk-tokens tokens; the end of the book
+   (--held-out-fraction) is held out, and the first --n-chunks chunks of the rest are the forget set.
+   MUSE-News: the forget text is the articles the scored probes come from (all 889 with the paper
+   preset), joined as MUSE cut its probes from them, in chunks.
+2. The original model is the base model fine-tuned on the forget chunks (cached), so that there is
+   something to forget; the reference model is the base model, which never saw the text.
+3. Unlearning treats each forget chunk as a prompt (its first --prompt-tokens tokens) and a
+   continuation; the template continuation is a refusal or a WikiText passage (llmu: a random
+   WikiText passage, Yao et al.'s random normal answer).
+4. Each model continues prompts greedily until EOS, capped at the true continuation's length; BLEU
+   (0-100) and ROUGE-L recall against it, FLAT's forget quality gap against the reference model,
+   PrivLeak (Min-K% AUC of forget vs held-out text, against the reference model's), perplexity on
+   WikiText-2 and on a book never trained on; MUSE-News adds VerbMem and KnowMem. See docs/copyright.md.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+import corpora
 import data
+import distributed
 import evaluate
 import flat
+import mia
 import models
+import plots
 import train
-from train import arg
-
-CORPORA = ("book", "muse-news")
-TEMPLATES = ("refusal", "wikitext")
+from train import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, arg, one_of
 
 
 @dataclass
-class Args(train.LossFlags):
+class Args(flat.LossParams):
     model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
-    method: str = arg("flat", "unlearning loss, a key of flat.LOSSES")
-    corpus: str = arg("book", "'book' (--text files) or 'muse-news'")
+    method: str = arg("flat", "unlearning loss(es): a key of flat.LOSSES, a comma-separated list "
+                              "(flat:kl,flat:js,npo) or 'all'", only=())
+    corpus: str = arg("book", "'book' (--text files) or 'muse-news'", check=one_of("book", "muse-news"))
     text: list[str] = field(default_factory=list, metadata={"help": "plain-text book file(s) to forget "
                                                                     "(default: the vendored Frankenstein)",
-                                                            "nargs": "*"})
-    chunk_tokens: Optional[int] = arg(None, "tokens per chunk")
-    n_chunks: Optional[int] = arg(None, "forget chunks (FLAT: 400)")
-    held_out_fraction: float = arg(0.2, "book: the end of the text held out for the unseen evaluation")
-    prompt_tokens: Optional[int] = arg(None, "tokens of a chunk given as the prompt")
-    eval_chunks: Optional[int] = arg(None, "forget and held-out chunks (MUSE: probes, questions) evaluated")
-    max_new_tokens: Optional[int] = arg(None, "continuation length (default: the rest of a chunk; MUSE: 128)")
-    template: str = arg("refusal", "template continuation: 'refusal' or 'wikitext'")
-    ppl_chunks: int = arg(16, "WikiText-2 and held-out-book chunks scored for perplexity")
-    lr: Optional[float] = arg(None, "unlearning learning rate")
-    epochs: Optional[int] = arg(None, "unlearning epochs over the forget chunks")
-    batch_size: Optional[int] = arg(None, "chunks per micro-batch")
-    grad_accum: Optional[int] = arg(None, "micro-batches per optimiser step")
-    finetune_lr: Optional[float] = arg(None, "learning rate of the original model's fine-tuning")
-    finetune_epochs: Optional[int] = arg(None, "epochs of that fine-tuning")
-    weight_decay: float = arg(0.01, "AdamW weight decay")
-    warmup_epochs: float = arg(0.0, "linear warmup in epochs, then linear decay to 0")
-    max_grad_norm: float = arg(1.0, "gradient clipping norm")
-    max_steps: Optional[int] = arg(None, "cap on optimiser steps in every training stage (smoke runs)")
-    eval_batch_size: int = arg(16, "prompts per generation batch")
-    out: Optional[str] = arg(None, "run directory (default: runs/hp-MODEL-CORPUS)")
-    device: Optional[str] = arg(None, "cuda or cpu (default: cuda when available)")
-    precision: str = arg("mixed", "on CUDA: 'mixed' (fp32 weights, bf16 autocast) or 'bf16' (bf16 weights)")
-    gradient_checkpointing: Optional[bool] = arg(None, "recompute activations in backward (default: on for CUDA)")
-    trust_remote_code: bool = arg(False, "allow model code from the Hub")
+                                                            "only": None, "check": None})
+    chunk_tokens: Optional[int] = arg(None, "tokens per chunk", check=train.Check(lambda v: v >= 2, ">= 2"))
+    n_chunks: Optional[int] = arg(None, "book: forget chunks (FLAT: 400)", check=AT_LEAST_1)
+    held_out_fraction: float = arg(0.2, "book: the end of the text held out for the unseen evaluation",
+                                   check=FRACTION)
+    muse_probes: Optional[int] = arg(None, "muse-news: VerbMem probes scored, trained on with the articles they "
+                                           "come from (0: all, and the whole forget corpus)", check=NON_NEGATIVE)
+    privleak_texts: Optional[int] = arg(None, "muse-news: PrivLeak forget texts (and as many holdout texts) "
+                                              "scored, trained on with their articles (0: all)", check=NON_NEGATIVE)
+    prompt_tokens: Optional[int] = arg(None, "tokens of a chunk given as the prompt", check=AT_LEAST_1)
+    eval_chunks: Optional[int] = arg(None, "book: forget and held-out chunks evaluated; muse-news: retain "
+                                           "KnowMem questions", only=("eval",), check=AT_LEAST_1)
+    template: str = arg("refusal", "template continuation of flat, idk, dpo: 'refusal' or 'wikitext'",
+                        check=one_of("refusal", "wikitext"))
+    max_new_tokens: Optional[int] = arg(None, "cap on a continuation's length, the reference cut to it too "
+                                              "(default: the reference continuation's length; VerbMem: 128, as MUSE)",
+                                        only=("eval",), check=AT_LEAST_1)
+    ppl_chunks: int = arg(16, "WikiText-2 and held-out-book chunks scored for perplexity", only=("eval",),
+                          check=AT_LEAST_1)
+    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=POSITIVE)
+    epochs: Optional[int] = arg(None, "unlearning epochs over the forget chunks", only=("unlearn",), check=AT_LEAST_1)
+    batch_size: Optional[int] = arg(None, "chunks per micro-batch", check=AT_LEAST_1)
+    grad_accum: Optional[int] = arg(None, "micro-batches per optimiser step", check=AT_LEAST_1)
+    finetune_lr: Optional[float] = arg(None, "learning rate of the original model's fine-tuning",
+                                       only=("finetune",), check=POSITIVE)
+    finetune_epochs: Optional[int] = arg(None, "epochs of that fine-tuning", only=("finetune",), check=AT_LEAST_1)
+    weight_decay: float = arg(0.01, "AdamW weight decay", check=NON_NEGATIVE)
+    warmup_epochs: float = arg(0.0, "linear warmup in epochs, then linear decay to 0", check=NON_NEGATIVE)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm", check=POSITIVE)
+    max_steps: Optional[int] = arg(None, "cap on optimiser steps in every training stage (smoke runs)",
+                                   check=AT_LEAST_1)
+    eval_every: int = arg(0, "evaluate every N optimiser steps of unlearning, and at step 0 (0: never)",
+                          only=("unlearn",), check=NON_NEGATIVE)
+    eval_batch_size: int = arg(16, "prompts per generation batch", only=("eval",), check=AT_LEAST_1)
+    out: Optional[str] = arg(None, "run directory (default: runs/hp-MODEL-CORPUS)", only=())
+    device: Optional[str] = arg(None, "cpu, cuda or cuda:N (default: cuda when available)", only=())
+    precision: str = arg("auto", "fp32, mixed or bf16; auto: mixed on CUDA, fp32 on CPU", only=(),
+                         check=one_of(*models.PRECISIONS))
+    gradient_checkpointing: Optional[bool] = arg(None, "recompute activations in backward (default: on for CUDA)",
+                                                 only=())
+    trust_remote_code: bool = arg(False, "allow model code from the Hub", only=())
     seed: int = arg(0, "seed of data order and template draws")
-    log_every: int = arg(5, "optimiser steps between log lines")
+    log_every: int = arg(5, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
 
 
-# FLAT's HP setting: 400 chunks, lr 2e-7 (Llama-2), batch 4 x 4 x 2 GPUs, 5 epochs. Chunk and prompt
-# lengths, and the fine-tuning that makes the original, are this project's choices (see README).
-PAPER = dict(chunk_tokens=256, n_chunks=400, prompt_tokens=64, eval_chunks=100, max_new_tokens=None, lr=2e-7,
-             epochs=5, batch_size=4, grad_accum=8, finetune_lr=1e-5, finetune_epochs=3)
+# FLAT's HP setting: 400 chunks, lr 2e-7 (Llama-2), batch 4 x 4 x 2 GPUs, 5 epochs; FLAT used OPT-2.7B
+# and Llama-2-7B for Harry Potter. Chunk and prompt lengths, and the fine-tuning that makes the
+# original, are this project's choices (docs/copyright.md). MUSE trains on its whole forget corpus.
+PAPER = dict(chunk_tokens=256, n_chunks=400, prompt_tokens=64, eval_chunks=100, lr=2e-7, epochs=5, batch_size=4,
+             grad_accum=8, finetune_lr=1e-5, finetune_epochs=3, muse_probes=0, privleak_texts=0)
 PRESETS = {
     # The offline default, sized for a 2-core CPU.
     "smollm2-135m": dict(chunk_tokens=96, n_chunks=48, prompt_tokens=32, eval_chunks=32, lr=5e-5, epochs=4,
                          batch_size=8, grad_accum=1, finetune_lr=1e-4, finetune_epochs=8),
 }
-MUSE_SETTINGS = dict(max_new_tokens=128)
+# MUSE-News offline: 3 VerbMem probes and 2 PrivLeak texts with the 9-12 articles they come from, in
+# longer chunks (a VerbMem prompt is about 900 tokens).
+MUSE_PRESETS = {"smollm2-135m": dict(chunk_tokens=256, prompt_tokens=64, muse_probes=3, privleak_texts=2,
+                                     finetune_epochs=6, eval_chunks=16)}
 
 
 def resolve(args: Args) -> Args:
-    return train.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {}),
-                                      **(MUSE_SETTINGS if args.corpus == "muse-news" else {})})
+    muse = MUSE_PRESETS.get(args.model, {}) if args.corpus == "muse-news" else {}
+    return train.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {}), **muse})
 
 
 def main(argv=None) -> dict:
     args = resolve(train.parse_args(Args, argv))
-    try:
-        method = flat.LOSSES[args.method]
-        flat.DIVERGENCES[args.divergence]
-        for name, value, valid in [("corpus", args.corpus, CORPORA), ("template", args.template, TEMPLATES),
-                                   ("precision", args.precision, ("mixed", "bf16"))]:
-            if value not in valid:
-                raise flat.UnknownName(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-        if args.corpus == "muse-news" and args.text:
-            raise flat.UnknownName("--text and --corpus muse-news exclude each other")
-        models.check_name(args.model)
-        if args.corpus == "book":
-            texts = [data.read_text(p) for p in (args.text or [data.DEFAULT_BOOK])]
-        else:
-            texts = data.read_json_list(data.MUSE_DIR / "raw" / "forget_subset.json")
-            muse = {"verbmem": data.read_json_list(data.MUSE_DIR / "verbmem" / "forget.json", {"prompt": str, "gt": str})}
-            for split in ("forget", "retain2"):
-                for suffix in ("", "_icl"):
-                    muse[f"{split}{suffix}"] = data.read_json_list(data.MUSE_DIR / "knowmem" / f"{split}_qa{suffix}.json",
-                                                                   {"question": str, "answer": str})
-        wikitext = data.read_text(data.WIKITEXT)
-        held_out_book = data.read_text(data.HELD_OUT_BOOK)
-    except (KeyError, data.DataError, models.ModelLoadError) as e:
-        train.fail(str(e))
+
+    # -- every flag, name and data file is checked before any model is loaded -------------------
+    train.validate(args)
+    variants = train.methods(args.method)
+    flat.DIVERGENCES[args.divergence]
+    if args.corpus == "muse-news" and args.text:
+        raise train.UsageError("--text and --corpus muse-news exclude each other")
     if args.prompt_tokens >= args.chunk_tokens:
-        train.fail(f"--prompt-tokens {args.prompt_tokens} must be below --chunk-tokens {args.chunk_tokens}")
+        raise train.UsageError(f"--prompt-tokens {args.prompt_tokens} must be below --chunk-tokens {args.chunk_tokens}")
+    if args.eval_every and distributed.launched():
+        raise train.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
+    models.check_name(args.model)
+    if args.corpus == "book":
+        texts = [corpora.read_text(p) for p in (args.text or [corpora.DEFAULT_BOOK])]
+    else:
+        muse = corpora.muse_forget_set(corpora.load_muse(), args.muse_probes or None, args.privleak_texts or None)
+        texts = [muse["text"]]
+    wikitext = corpora.read_text(corpora.WIKITEXT)
+    held_out_book = corpora.read_text(corpora.HELD_OUT_BOOK)
 
     name = args.corpus if args.corpus == "muse-news" else "-".join(Path(p).stem for p in args.text) or "book"
-    out, device, cuda, train_dtype = train.setup_run(args, f"runs/hp-{train.safe_name(args.model)}-{name}")
-    params = train.loss_params(args)
+    out, compute = train.setup_run(args, f"runs/hp-{train.safe_name(args.model)}-{name}")
+    world = distributed.world()
+    rows_per_step = args.batch_size * args.grad_accum * world
     times: dict[str, float] = {}
 
-    # -- data: chunks of the tokenised text ------------------------------------------------------------
+    # -- data: chunks of the tokenised text ------------------------------------------------------
     tok = models.load_tokenizer(args.model, args.trust_remote_code)
     encode = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    longest = max([args.chunk_tokens] + ([len(encode(p["prompt"])) + 129 for p in muse["verbmem"]]
+                                         if args.corpus == "muse-news" else []))
+    context = models.context_length(args.model, args.trust_remote_code)
+    if context is not None and longest > context:
+        raise train.UsageError(f"{args.model} reads at most {context} tokens; this run needs {longest} "
+                               f"(--chunk-tokens {args.chunk_tokens}" + (", MUSE's VerbMem prompts" if args.corpus ==
+                                                                         "muse-news" else "") + ")")
     if args.corpus == "book":
         ids = [i for t in texts for i in encode(t)]
-        forget, held = data.split_chunks(data.chunk_ids(ids, args.chunk_tokens), args.n_chunks, args.held_out_fraction,
-                                         args.chunk_tokens)
-    else:  # MUSE-News: the forget articles are all trained on; VerbMem probes are excerpts of them
-        forget = [c for t in texts for c in data.chunk_ids(encode(t), args.chunk_tokens)
-                  if len(c) == args.chunk_tokens][:args.n_chunks]
-        held = []
-    wiki = [c for c in data.chunk_ids(encode(wikitext), args.chunk_tokens) if len(c) == args.chunk_tokens]
+        forget, held = corpora.split_chunks(corpora.chunk_ids(ids, args.chunk_tokens), args.n_chunks,
+                                            args.held_out_fraction, args.chunk_tokens)
+        finetune_chunks = forget
+    else:  # MUSE-News: every token of the forget text is trained on, its last chunk too
+        finetune_chunks = corpora.chunk_ids(encode(muse["text"]), args.chunk_tokens)
+        forget, held = [c for c in finetune_chunks if len(c) > args.prompt_tokens], []
+    wiki = [c for c in corpora.chunk_ids(encode(wikitext), args.chunk_tokens) if len(c) == args.chunk_tokens]
     retain_pool, wiki_eval = wiki[:len(wiki) // 2], wiki[len(wiki) // 2:][:args.ppl_chunks]
-    book_eval = [c for c in data.chunk_ids(encode(held_out_book), args.chunk_tokens)
+    book_eval = [c for c in corpora.chunk_ids(encode(held_out_book), args.chunk_tokens)
                  if len(c) == args.chunk_tokens][:args.ppl_chunks]
-    if args.template == "refusal":
-        templates = [encode(" " + r) + [tok.eos_token_id] for r in data.TEXT_REFUSALS]
-    else:  # WikiText passages as long as a continuation
-        templates = [c[:args.chunk_tokens - args.prompt_tokens] for c in retain_pool]
-    print(f"[hp] {args.model} | {args.corpus} | {len(forget)} forget chunks, {len(held)} held out, "
-          f"{args.chunk_tokens} tokens each | method {args.method} | device {device} | out {out}")
-    data_key = dict(corpus=args.corpus, text=[str(p) for p in args.text], chunk=args.chunk_tokens, n=args.n_chunks,
-                    held=args.held_out_fraction)
+    continuation = args.chunk_tokens - args.prompt_tokens
+    wiki_passages = [c[:continuation] for c in retain_pool]  # random normal text of a continuation's length
+    refusals = [encode(" " + r) + [tok.eos_token_id] for r in corpora.TEXT_REFUSALS]
+    train.say(f"[hp] {args.model} | {args.corpus} | {len(forget)} forget chunks, {len(held)} held out, "
+              f"{args.chunk_tokens} tokens each | methods {', '.join(v[0] for v in variants)} | "
+              f"{compute.device} {compute.precision} | {world} process(es) | out {out}")
 
-    # -- 1. the original model: the base model fine-tuned on the forget chunks (cached) -----------------
-    original = train.stage_dir(out, "original", dict(
-        model=args.model, data=data_key, lr=args.finetune_lr, epochs=args.finetune_epochs, batch=args.batch_size,
-        accum=args.grad_accum, wd=args.weight_decay, seed=args.seed, max_steps=args.max_steps,
-        precision=args.precision if cuda else "fp32"))
-    if train.is_saved_model(original):
-        print(f"[hp] original model: cached in {original}")
+    # -- 1. the original model: the base model fine-tuned on the forget chunks (cached) -----------
+    original = train.stage_dir(out, "original", train.stage_key(args, "finetune", compute,
+                                                                 text=data.digest(finetune_chunks)))
+    if train.load_cached_model_or_none(original):
+        train.say(f"[hp] original model: cached in {original}")
     else:
         with train.timed(times, "finetune_s"):
-            model, tok = models.load_model(args.model, device, train_dtype, args.gradient_checkpointing,
-                                           args.trust_remote_code)
+            model, tok, _ = train.training_model(args.model, compute, args.trust_remote_code)
             rng = random.Random(args.seed)
-            log = train.train_loop(model, lambda e: data.text_epoch(forget, args.batch_size, rng),
-                                   lambda m, batch: train.finetune_loss(m, batch, tok.pad_token_id),
-                                   len(forget), args.finetune_lr, args.finetune_epochs, args, "finetune-original",
-                                   device)
+            plan = train.plan_steps((corpora.text_epoch(finetune_chunks, rows_per_step, rng)
+                                     for _ in range(args.finetune_epochs)), args.batch_size, args.max_steps,
+                                    world, distributed.rank())
+            log, _ = train.train(model, plan, partial(train.finetune_loss, pad_id=tok.pad_token_id),
+                                 args.finetune_lr, args, "finetune-original", compute)
             train.save_model_atomic(model, tok, original, {"train_log.json": log})
             del model
 
-    # -- 2. unlearning from the original model (cached) ------------------------------------------------
-    unlearn_dir = train.stage_dir(out, f"unlearn-{args.method}", dict(
-        original=original.name, method=args.method, params=asdict(params), template=args.template,
-        prompt=args.prompt_tokens, lr=args.lr, epochs=args.epochs, batch=args.batch_size, accum=args.grad_accum,
-        wd=args.weight_decay, warmup=args.warmup_epochs, clip=args.max_grad_norm, seed=args.seed,
-        max_steps=args.max_steps))
-    if train.is_saved_model(unlearn_dir):
-        print(f"[hp] unlearned model: cached in {unlearn_dir}")
-    else:
-        with train.timed(times, "unlearn_s"):
-            model, tok = models.load_model(str(original), device, train_dtype, args.gradient_checkpointing)
-            ref = models.frozen_copy(model) if method.reference else None
-            rng = random.Random(args.seed)
-            retain = retain_pool if method.needs_retain(params) else None
-            log = train.train_loop(
-                model, lambda e: data.chunk_unlearning_epoch(forget, args.prompt_tokens,
-                                                             templates if method.template else None, retain,
-                                                             args.batch_size, rng),
-                lambda m, batch: train.batch_loss(m, batch, method, params, tok.pad_token_id, ref),
-                len(forget), args.lr, args.epochs, args, f"unlearn-{args.method}", device)
-            train.save_model_atomic(model, tok, unlearn_dir, {"train_log.json": log, "run_config.json": asdict(args)})
-            del model, ref
-
-    # -- 3. evaluation of the reference, original and unlearned models (each cached) -------------------
+    # -- evaluation of one model (cached); rank 0 only --------------------------------------------
     n = args.eval_chunks
-    eval_key = dict(data=data_key, n=n, prompt=args.prompt_tokens, new=args.max_new_tokens, ppl=args.ppl_chunks)
-    results = {}
-    for row, path in [("reference", args.model), ("original", str(original)), ("unlearned", str(unlearn_dir))]:
-        cache = train.stage_dir(out, f"eval-{row}", {**eval_key, "model": path}).with_suffix(".json")
-        if cache.exists():
-            results[row] = train.read_json(cache)
-            continue
-        with train.timed(times, f"eval_{row}_s"):
-            model, tok = models.load_model(path, device, None, False, args.trust_remote_code)
-            with train.autocast(device, cuda):
-                r = evaluate_continuations(model, tok, {"forget": forget[:n], "held_out": held[:n]}, args)
-                if args.corpus == "muse-news":
-                    r = merge(r, evaluate_muse(model, tok, muse, n, args))
-                r["summary"]["wikitext_ppl"] = evaluate.perplexity(model, wiki_eval, tok.pad_token_id)
-                r["summary"]["held_out_book_ppl"] = evaluate.perplexity(model, book_eval, tok.pad_token_id)
-            del model
-        results[row] = r
-        train.write_json(cache, r)
+    sets = {"forget": forget[:n], "held_out": held[:n]}
+    eval_key = train.stage_key(args, "eval", compute, sets=data.digest(sets, wiki_eval, book_eval,
+                                                                       muse if args.corpus == "muse-news" else None))
 
-    report = {row: r["summary"] for row, r in results.items()}
-    for row in report:
-        report[row]["forget_quality_gap"] = evaluate.forget_quality_gap(report[row], report["reference"])
-    report["timings_s"] = times
-    report["dirs"] = {"original": str(original), "unlearned": str(unlearn_dir)}
+    def evaluation(row: str, path) -> dict:
+        cache = train.stage_dir(out, f"eval-{row}", {**eval_key, "model": train.model_id(path)}).with_suffix(".json")
+        cached = train.read_cache(cache)
+        if cached is not None:
+            return cached
+        with train.timed(times, f"eval_{row}_s"):
+            model, tok = models.load_model(str(path), compute.device, compute.eval_dtype, False, args.trust_remote_code)
+            r = evaluate_continuations(model, tok, sets, args)
+            if args.corpus == "muse-news":
+                r = merge(r, evaluate_muse(model, tok, muse, args))
+            r["summary"]["wikitext_ppl"] = evaluate.perplexity(model, wiki_eval, tok.pad_token_id)
+            r["summary"]["held_out_book_ppl"] = evaluate.perplexity(model, book_eval, tok.pad_token_id)
+        train.write_json(cache, r)
+        return r
+
+    reference = evaluation("reference", args.model)["summary"] if args.eval_every else None
+
+    # -- 2. unlearning from the original model, one stage per method (cached) --------------------
+    unlearned = {}
+    for label, loss, divergence in variants:
+        method = flat.LOSSES[loss]
+        params = replace(train.loss_params(args), divergence=divergence or args.divergence)
+        templates = {"refusal": refusals if args.template == "refusal" else wiki_passages,
+                     "random": wiki_passages, None: None}[method.template]
+        retain = retain_pool if method.needs_retain(params) else None
+        key = train.stage_key(args, "unlearn", compute, original=original.name, method=loss,
+                              params=method.read_params(params),
+                              rows=data.digest(forget, retain, templates))
+        if args.eval_every:
+            key.update(eval_key=eval_key, eval_every=args.eval_every)
+        unlearned[label] = path = train.stage_dir(out, f"unlearn-{train.safe_name(label)}", key)
+        if train.load_cached_model_or_none(path):
+            train.say(f"[hp] unlearned model ({label}): cached in {path}")
+            continue
+        with train.timed(times, f"unlearn_{label}_s"):
+            model, tok, ref = train.training_model(original, compute, args.trust_remote_code, bool(method.reference))
+            rng = random.Random(args.seed)
+            plan = train.plan_steps((corpora.chunk_unlearning_epoch(forget, args.prompt_tokens, templates, retain,
+                                                                    rows_per_step, rng)
+                                     for _ in range(args.epochs)), args.batch_size, args.max_steps, world,
+                                    distributed.rank())
+            progress = partial(book_progress, tok=tok, sets=sets, wiki_eval=wiki_eval, reference=reference, args=args)
+            log, evals = train.train(model, plan, partial(train.batch_loss, method=method, params=params,
+                                                          pad_id=tok.pad_token_id, ref_model=ref),
+                                     args.lr, args, f"unlearn-{label}", compute, progress, args.eval_every)
+            train.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
+                                                       "run_config.json": {**asdict(args), "method": label}})
+            del model, ref
+    if not distributed.is_main():
+        return {}
+
+    # -- 3. evaluation of the reference, original and unlearned models ----------------------------
+    results = {"reference": evaluation("reference", args.model), "original": evaluation("original", original)}
+    results.update({label: evaluation(label, p) for label, p in unlearned.items()})
+    ref = results["reference"]["summary"]
+    report = {}
+    for row, r in results.items():
+        s = r["summary"]
+        report[row] = {**s, "forget_quality_gap": evaluate.forget_quality_gap(s, ref),
+                       "privleak": mia.privleak(s["mia_min_k"], ref["mia_min_k"])}
+    methods = {label: report.pop(label) for label in unlearned}
+    report = {**report, "methods": methods, **({"unlearned": methods[variants[0][0]]} if len(variants) == 1 else {}),
+              "benchmark": "book", "title": f"{args.corpus} | {args.model}",
+              "training": {label: train.training_logs(p) for label, p in unlearned.items()},
+              "timings_s": times, "dirs": {"original": str(original), **{label: str(p) for label, p in unlearned.items()},
+                                           **({"unlearned": str(unlearned[variants[0][0]])} if len(variants) == 1
+                                              else {})}}
+    if args.corpus == "muse-news":
+        report["muse_articles"] = len(muse["articles"])
+    report, warnings = train.finite_report(report)
+    report["warnings"] = warnings
     train.write_json(out / "config.json", asdict(args))
     train.write_json(out / "results.json", report)
-    train.write_json(out / "eval_items.json", {row: r["items"] for row, r in results.items()})
+    train.write_json(out / "eval_items.json", {**{row: r["items"] for row, r in results.items()},
+                                               **({"unlearned": results[variants[0][0]]["items"]} if len(variants) == 1
+                                                  else {})})
+    plots.draw_all(report, out)
     print_table(report, args)
     return report
 
@@ -225,71 +281,98 @@ def merge(a: dict, b: dict) -> dict:
 
 
 def evaluate_continuations(model, tok, sets: dict[str, list[list[int]]], args: Args) -> dict:
-    """Greedy continuation of each chunk's first prompt_tokens tokens, as long as the rest of the
-    chunk (or --max-new-tokens); BLEU and ROUGE-L recall against the true continuation."""
+    """Greedy continuation of each chunk's first prompt_tokens tokens, stopping at EOS and capped at
+    the true continuation's length; BLEU (0-100) and ROUGE-L recall against it; and the
+    membership-inference scores of the chunks (forget vs held-out) for PrivLeak."""
     summary, items = {}, {}
     for name, chunks in sets.items():
         if not chunks:
             continue
-        new = args.max_new_tokens or args.chunk_tokens - args.prompt_tokens
         prompts = [c[:args.prompt_tokens] for c in chunks]
-        truth = [tok.decode(c[args.prompt_tokens:args.prompt_tokens + new]) for c in chunks]
+        truth_ids = [c[args.prompt_tokens:][:args.max_new_tokens] for c in chunks]
         gens = [tok.decode(g, skip_special_tokens=True) for g in
-                evaluate.generate_ids(model, tok, prompts, new, args.eval_batch_size, stop_at_eos=False)]
+                evaluate.generate_ids(model, tok, prompts, [len(t) for t in truth_ids], args.eval_batch_size)]
+        truth = [tok.decode(t) for t in truth_ids]
         b, r = evaluate.bleu(gens, truth), evaluate.rouge_l_recall(gens, truth)
         summary[f"{name}_bleu"], summary[f"{name}_rougeL"] = float(np.mean(b)), float(np.mean(r))
         items[name] = {"prompt": [tok.decode(p) for p in prompts], "truth": truth, "generation": gens,
                        "bleu": b, "rougeL_recall": r}
+    if sets["held_out"]:  # the book's own held-out chunks are the non-members
+        scores = {side: [mia.min_k_score(s["logp"]) for s in evaluate.text_scores(model, sets[side], tok.pad_token_id)]
+                  for side in ("forget", "held_out")}
+        summary["mia_min_k"] = mia.mia_auc(scores["forget"], scores["held_out"])
+        items["mia"] = {"min_k": {"forget": scores["forget"], "holdout": scores["held_out"]}}
     return {"summary": summary, "items": items}
 
 
-def evaluate_muse(model, tok, muse: dict, n: int, args: Args) -> dict:
-    """MUSE's VerbMem (greedy 128 tokens after each probe's prompt, ROUGE-L F1 against the first 128
-    tokens of its ground truth) and KnowMem (few-shot QA, 32 tokens, cut at the stop strings,
-    ROUGE-L F1) on the forget and retain QA sets."""
+def evaluate_muse(model, tok, muse: dict, args: Args) -> dict:
+    """MUSE's VerbMem (greedy continuation of each probe's prompt until EOS, at most 128 tokens, ROUGE-L
+    F1 against the first 128 tokens of its ground truth), KnowMem (few-shot QA, 32 tokens, cut at the
+    stop strings, ROUGE-L F1) on the forget questions whose answers lie in the forget text and on the
+    first --eval-chunks retain questions, and PrivLeak's Min-K% AUC of MUSE's forget vs holdout texts."""
     bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok("a").input_ids[0] == tok.bos_token_id else []
-    probes = muse["verbmem"][:n]
+    probes = muse["verbmem"]
     prompts = [bos + tok(p["prompt"], add_special_tokens=False).input_ids for p in probes]
+    truth_ids = [(bos + tok(p["gt"], add_special_tokens=False).input_ids)[:min(128, args.max_new_tokens or 128)]
+                 for p in probes]
     gens = [tok.decode(g, skip_special_tokens=True) for g in
-            evaluate.generate_ids(model, tok, prompts, args.max_new_tokens, args.eval_batch_size)]
-    truth = [tok.decode((bos + tok(p["gt"], add_special_tokens=False).input_ids)[:args.max_new_tokens],
-                        skip_special_tokens=True) for p in probes]
+            evaluate.generate_ids(model, tok, prompts, [len(t) for t in truth_ids], args.eval_batch_size)]
+    truth = [tok.decode(t, skip_special_tokens=True) for t in truth_ids]
     verb = evaluate.rouge_l_f1(gens, truth)
-    summary = {"verbmem_forget": float(np.mean(verb))}
+    summary = {"verbmem_forget": float(np.mean(verb)), "verbmem_items": len(probes)}
     items = {"verbmem": {"generation": gens, "truth": truth, "rougeL_f1": verb}}
-    for split in ("forget", "retain2"):
-        shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in muse[f"{split}_icl"])
-        qa = muse[split][:n]
+    for split, qa in (("forget", muse["knowmem_forget"]), ("retain", muse["knowmem_retain"][:args.eval_chunks])):
+        shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in muse[f"knowmem_{split}_icl"])
         prompts = [bos + tok(shots + f"Question: {q['question']}\nAnswer: ", add_special_tokens=False).input_ids
                    for q in qa]
         answers = [evaluate.cut_at_stops(tok.decode(g, skip_special_tokens=True))
                    for g in evaluate.generate_ids(model, tok, prompts, 32, args.eval_batch_size)]
         f1 = evaluate.rouge_l_f1(answers, [q["answer"] for q in qa])
-        key = "knowmem_forget" if split == "forget" else "knowmem_retain"
-        summary[key] = float(np.mean(f1))
-        items[key] = {"question": [q["question"] for q in qa], "answer": answers, "rougeL_f1": f1}
+        summary[f"knowmem_{split}"], summary[f"knowmem_{split}_items"] = float(np.mean(f1)), len(qa)
+        items[f"knowmem_{split}"] = {"question": [q["question"] for q in qa], "answer": answers, "rougeL_f1": f1}
+    texts = {"forget": muse["privleak_forget"], "holdout": muse["privleak_holdout"]}
+    scores = {side: [mia.min_k_score(s["logp"]) for s in
+                     evaluate.text_scores(model, [bos + tok(t, add_special_tokens=False).input_ids for t in texts[side]],
+                                          tok.pad_token_id, batch_size=1)]
+              for side in texts}
+    summary["mia_min_k"] = mia.mia_auc(scores["forget"], scores["holdout"])
+    summary["privleak_items"] = len(texts["forget"])
+    items["mia"] = {"min_k": scores}
     return {"summary": summary, "items": items}
 
 
-TABLE = [("forget BLEU", "forget_bleu", ".3f"), ("forget ROUGE-L", "forget_rougeL", ".3f"),
-         ("held-out BLEU", "held_out_bleu", ".3f"), ("held-out ROUGE-L", "held_out_rougeL", ".3f"),
-         ("FQ gap", "forget_quality_gap", ".3f"), ("VerbMem", "verbmem_forget", ".3f"),
+def book_progress(model, tok, sets: dict, wiki_eval: list, reference: dict, args: Args) -> dict:
+    """The in-training evaluation (--eval-every): the forget quality gap against the reference model
+    and WikiText perplexity, on the forget chunks."""
+    r = evaluate_continuations(model, tok, {"forget": sets["forget"], "held_out": []}, args)["summary"]
+    return {"forget_quality_gap": evaluate.forget_quality_gap(r, reference),
+            "wikitext_ppl": evaluate.perplexity(model, wiki_eval, tok.pad_token_id)}
+
+
+TABLE = [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rougeL", ".3f"),
+         ("held-out BLEU", "held_out_bleu", ".1f"), ("held-out ROUGE-L", "held_out_rougeL", ".3f"),
+         ("FQ gap", "forget_quality_gap", ".1f"), ("VerbMem", "verbmem_forget", ".3f"),
          ("KnowMem forget", "knowmem_forget", ".3f"), ("KnowMem retain", "knowmem_retain", ".3f"),
-         ("WikiText ppl", "wikitext_ppl", ".2f"), ("held-out book ppl", "held_out_book_ppl", ".2f")]
+         ("PrivLeak", "privleak", ".1f"), ("WikiText ppl", "wikitext_ppl", ".2f"),
+         ("held-out book ppl", "held_out_book_ppl", ".2f")]
 
 
 def print_table(report: dict, args: Args) -> None:
     cols = [c for c in TABLE if c[1] in report["reference"]]
-    print(f"\nCopyright unlearning | {args.corpus} | {args.model} | {args.method}"
-          + (f" ({args.divergence})" if args.method == "flat" else "") + f" | template: {args.template}")
+    print(f"\nCopyright unlearning | {args.corpus} | {args.model} | template: {args.template} | BLEU and FQ gap "
+          f"(|dBLEU| + 100 |dROUGE-L|) on 0-100, ROUGE-L recall and VerbMem/KnowMem ROUGE-L F1 on 0-1"
+          + (f" | VerbMem on {report['reference']['verbmem_items']} probes, KnowMem forget on "
+             f"{report['reference']['knowmem_forget_items']} questions, PrivLeak on {report['reference']['privleak_items']}"
+             f" + {report['reference']['privleak_items']} texts, all from {report['muse_articles']} articles trained on"
+             if args.corpus == "muse-news" else ""))
     print("| model | " + " | ".join(h for h, _, _ in cols) + " |")
     print("|---|" + "---|" * len(cols))
-    for row in ["reference", "original", "unlearned"]:
-        print(f"| {row} | " + " | ".join(format(report[row][k], f) for _, k, f in cols) + " |")
+    for name, row in [("reference", report["reference"]), ("original", report["original"]),
+                      *report["methods"].items()]:
+        print(f"| {name} | " + " | ".join(train.cell(row, k, f) for _, k, f in cols) + " |")
+    for w in report["warnings"]:
+        print(f"warning: not finite, written as null: {w}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FloatingPointError, models.ModelLoadError, data.DataError) as e:
-        train.fail(str(e))
+    train.main_guard(main)

@@ -22,11 +22,11 @@ def make_tiny_model(out_dir, arch: str = "llama"):
     common = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1)
     if arch == "llama":
         config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=512, **common)
+                             num_key_value_heads=2, max_position_embeddings=4096, **common)
         model = LlamaForCausalLM(config)
     elif arch == "opt":
         config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                           word_embed_proj_dim=32, max_position_embeddings=512, pad_token_id=1, **common)
+                           word_embed_proj_dim=32, max_position_embeddings=4096, pad_token_id=1, **common)
         model = OPTForCausalLM(config)
     else:
         raise ValueError(arch)

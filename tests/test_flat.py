@@ -155,7 +155,7 @@ def test_loss_falls_when_template_prob_rises_and_forget_prob_falls(name):
     pe, pf = torch.meshgrid(torch.tensor(GRID, dtype=torch.float64), torch.tensor(GRID, dtype=torch.float64),
                             indexing="ij")
     pe, pf = pe.flatten().requires_grad_(True), pf.flatten().requires_grad_(True)
-    flat.flat_loss(pf, pe, name).sum().backward()
+    flat.flat_loss(p_forget=pf, p_template=pe, divergence=name).sum().backward()
     assert torch.all(pe.grad < 0), (name, pe.grad.max())
     assert torch.all(pf.grad > 0), (name, pf.grad.min())
 
@@ -164,7 +164,7 @@ def test_kl_divergence_gives_the_published_form_and_weights():
     # FLAT-KL as restated in DRAGON App. C.1: L = -(P_e - exp(P_f - 1)); lambda_e = 1, lambda_f = e^{P_f - 1}.
     pe = torch.tensor([0.2, 0.7], requires_grad=True)
     pf = torch.tensor([0.9, 0.1], requires_grad=True)
-    loss = flat.flat_loss(pf, pe, "kl")
+    loss = flat.flat_loss(p_forget=pf, p_template=pe, divergence="kl")
     torch.testing.assert_close(loss, -(pe - torch.exp(pf - 1)))
     loss.sum().backward()
     torch.testing.assert_close(pe.grad, -torch.ones(2))
@@ -174,7 +174,7 @@ def test_kl_divergence_gives_the_published_form_and_weights():
 def test_tv_weights_tend_to_one_half_at_small_probabilities():
     p = torch.full((1,), 1e-4, requires_grad=True)
     q = torch.full((1,), 1e-4, requires_grad=True)
-    flat.flat_loss(p, q, "tv").backward()
+    flat.flat_loss(p_forget=p, p_template=q, divergence="tv").backward()
     assert abs(float(p.grad) - 0.5) < 1e-6 and abs(float(q.grad) + 0.5) < 1e-6
 
 
@@ -222,7 +222,7 @@ def slow_loss(name, b, s, p):
         return -float(t["logp_mean"][b]) - p.retain_weight * float(r["logp_mean"][b])
     if name == "dpo":
         m = (float(t["logp_sum"][b]) - float(rt["logp_sum"][b])) - (float(f["logp_sum"][b]) - float(rf["logp_sum"][b]))
-        return -math.log(sigmoid(p.beta * m))
+        return -(2 / p.beta) * math.log(sigmoid(p.beta * m))
     if name == "npo":
         x = -(2 / p.beta) * math.log(sigmoid(-p.beta * (float(f["logp_sum"][b]) - float(rf["logp_sum"][b]))))
         return x - p.retain_weight * float(r["logp_mean"][b]) if p.npo_retain else x
@@ -292,13 +292,51 @@ def test_simnpo_gradient_tends_to_mean_gradient_ascent_as_beta_vanishes():
     torch.testing.assert_close(g, torch.ones(3), atol=1e-4, rtol=0)
 
 
-def test_dpo_is_zero_margin_at_log2_and_prefers_the_template():
+def test_dpo_has_the_anchors_2_over_beta_scale_and_prefers_the_template():
+    # TOFU, the official FLAT code and open-unlearning: -(2/beta) log sigma(beta * margin); at zero
+    # margin that is (2/beta) log 2, 20 log 2 at beta = 0.1 (Rafailov et al.'s unscaled form gives log 2).
     z = torch.zeros(4)
-    torch.testing.assert_close(flat.dpo_loss(z, z, z, z), torch.full((4,), math.log(2)))
+    torch.testing.assert_close(flat.dpo_loss(z, z, z, z), torch.full((4,), 20 * math.log(2)))
+    torch.testing.assert_close(flat.dpo_loss(z, z, z, z, beta=0.5), torch.full((4,), 4 * math.log(2)))
     t = torch.zeros(4, requires_grad=True)
     f = torch.zeros(4, requires_grad=True)
     flat.dpo_loss(t, f, z, z).sum().backward()
     assert torch.all(t.grad < 0) and torch.all(f.grad > 0)
+    torch.testing.assert_close(t.grad, torch.full((4,), -1.0))  # d/dm of -(2/b) log sigma(b m) at 0 = -1
+
+
+def test_flat_loss_refuses_positional_tensors():
+    """Two tensors of one shape: a swapped positional call would train the opposite of FLAT."""
+    p = torch.full((2,), 0.5)
+    with pytest.raises(TypeError, match="positional"):
+        flat.flat_loss(p, p)
+
+
+class _Recorder:
+    """A LossParams stand-in that records which fields are read."""
+    def __init__(self, params):
+        self.params, self.read = params, set()
+
+    def __getattr__(self, name):
+        if name in ("params", "read"):
+            raise AttributeError(name)
+        self.read.add(name)
+        return getattr(self.params, name)
+
+
+def test_each_method_declares_exactly_the_hyperparameters_it_reads():
+    """What a method declares in `params` is what its stage key holds: a field it reads but does not
+    declare would let a changed flag reuse a stale stage; one it declares but never reads would split
+    the cache for nothing."""
+    stats = all_stats(True)
+    for name, method in flat.LOSSES.items():
+        read = set()
+        for npo_retain in (False, True):
+            rec = _Recorder(flat.LossParams(npo_retain=npo_retain))
+            method.call(stats, rec)
+            assert rec.read <= set(method.params), (name, rec.read - set(method.params))
+            read |= rec.read
+        assert read == set(method.params), (name, set(method.params) - read)
 
 
 # ---------------------------------------------------------------- bad input
@@ -307,12 +345,12 @@ def test_unknown_names_list_the_valid_ones():
     with pytest.raises(KeyError, match="unknown loss 'nope'.*dpo, flat, ga"):
         flat.LOSSES["nope"]
     with pytest.raises(KeyError, match="unknown divergence 'kll'.*jeffrey"):
-        flat.flat_loss(torch.ones(2) / 2, torch.ones(2) / 2, "kll")
+        flat.flat_loss(p_forget=torch.ones(2) / 2, p_template=torch.ones(2) / 2, divergence="kll")
 
 
 def test_shape_mismatches_fail_at_entry():
     with pytest.raises(ValueError, match="one shape"):
-        flat.flat_loss(torch.rand(3), torch.rand(4))
+        flat.flat_loss(p_forget=torch.rand(3), p_template=torch.rand(4))
     with pytest.raises(ValueError, match="one shape"):
         flat.ga_loss(torch.rand(3, 2))
     with pytest.raises(ValueError, match="one shape"):
@@ -335,5 +373,5 @@ def test_losses_are_finite_at_probability_one_and_near_zero():
     for name in GENERATORS:
         for p in [1.0, 1e-7]:
             x = torch.full((2,), p, dtype=torch.float32)
-            assert torch.isfinite(flat.flat_loss(x, x, name)).all(), (name, p)
+            assert torch.isfinite(flat.flat_loss(p_forget=x, p_template=x, divergence=name)).all(), (name, p)
     assert np.isfinite(float(flat.npo_loss(torch.tensor([-500.0]), torch.tensor([0.0]))))

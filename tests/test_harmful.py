@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import corpora
 import data
 import evaluate
 import flat
+import judges
+import mia
 import models
 import train
 from flat import IGNORE_INDEX
@@ -88,9 +91,9 @@ def test_roc_auc_matches_the_pair_count_with_ties():
     labels = rng.random(60) < 0.4
     pairs = [(1.0 if p > n else 0.5 if p == n else 0.0)
              for p, n in itertools.product(scores[labels], scores[~labels])]
-    assert evaluate.roc_auc(scores, labels) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert mia.roc_auc(scores, labels) == pytest.approx(np.mean(pairs), abs=1e-12)
     with pytest.raises(ValueError):
-        evaluate.roc_auc([0.1, 0.2], [True, True])
+        mia.roc_auc([0.1, 0.2], [True, True])
 
 
 def test_fit_logistic_reaches_the_optimum_of_its_objective():
@@ -98,10 +101,10 @@ def test_fit_logistic_reaches_the_optimum_of_its_objective():
     X = rng.normal(size=(200, 5)) * [1, 2, 3, 4, 5] + 7
     y = (X[:, 0] - 7 + rng.normal(size=200) > 0).astype(float)
     l2 = 0.1
-    probe = evaluate.fit_logistic(X, y, l2)
+    probe = judges.fit_logistic(X, y, l2)
     # gradient of mean BCE + l2/2 |w|^2 in the standardised coordinates is zero at the solution
     Z = (X - probe["mean"]) / np.asarray(probe["std"])
-    p = evaluate.predict_logistic(probe, X)
+    p = judges.predict_logistic(probe, X)
     assert np.allclose(Z.T @ (p - y) / len(y) + l2 * np.asarray(probe["w"]), 0, atol=1e-6)
     assert abs(np.mean(p - y)) < 1e-6
     assert ((p > 0.5) == y).mean() > 0.8
@@ -129,21 +132,20 @@ def test_degeneration_cases():
 def test_probe_on_smollm2_beats_chance_on_held_out_labelled_responses():
     """A small fixed fixture from the vendored data: fitted on 200 labelled responses to forget
     prompts, measured on 200 labelled responses to held-out prompts."""
-    forget, held_out = data.load_pku()
+    forget, held_out = corpora.load_pku()
     rng = random.Random(0)
-    import judges
     tr = judges.balanced([(r["question"], r["answer"], 1) for r in forget]
                               + [(r["question"], r["safe_answer"], 0) for r in forget], 200, rng)
     ev = judges.balanced([(p["question"], a, 1) for p in held_out for a in p["harmful_answers"]]
                               + [(p["question"], a, 0) for p in held_out for a in p["safe_answers"]], 200, rng)
     model, tok = models.load_model("smollm2-135m", "cpu")
     layer = model.config.num_hidden_layers // 2
-    feats = lambda rows: evaluate.pooled_features(model, tok, "chat-template", [r[0] for r in rows],  # noqa: E731
+    feats = lambda rows: judges.pooled_features(model, tok, "chat-template", [r[0] for r in rows],  # noqa: E731
                                                   [r[1] for r in rows], layer, max_answer_tokens=32)
     y_ev = np.array([r[2] for r in ev])
-    probe = evaluate.fit_logistic(feats(tr), np.array([r[2] for r in tr]), 1.0)
-    p = evaluate.predict_logistic(probe, feats(ev))
-    acc, auc = ((p >= 0.5) == y_ev).mean(), evaluate.roc_auc(p, y_ev)
+    probe = judges.fit_logistic(feats(tr), np.array([r[2] for r in tr]), 1.0)
+    p = judges.predict_logistic(probe, feats(ev))
+    acc, auc = ((p >= 0.5) == y_ev).mean(), mia.roc_auc(p, y_ev)
     # a one-sided binomial test against coin flipping: p < 0.01
     import scipy.stats
     assert scipy.stats.binomtest(int(acc * len(ev)), len(ev), 0.5, alternative="greater").pvalue < 0.01, acc
@@ -153,8 +155,8 @@ def test_probe_on_smollm2_beats_chance_on_held_out_labelled_responses():
 def test_pooled_features_ignore_padding(tiny_model_dir):
     model, tok = models.load_model(tiny_model_dir, "cpu")
     q, a = ["Who wrote it?", "Who wrote the book in 1990 and why?"], ["The author.", "I don't know the answer."]
-    together = evaluate.pooled_features(model, tok, "qa-hash", q, a, layer=-1, batch_size=2)
-    alone = np.stack([evaluate.pooled_features(model, tok, "qa-hash", [x], [y], layer=-1)[0] for x, y in zip(q, a)])
+    together = judges.pooled_features(model, tok, "qa-hash", q, a, layer=-1, batch_size=2)
+    alone = np.stack([judges.pooled_features(model, tok, "qa-hash", [x], [y], layer=-1)[0] for x, y in zip(q, a)])
     assert np.allclose(together, alone, atol=1e-5)
 
 
@@ -163,16 +165,16 @@ def test_pooled_features_ignore_padding(tiny_model_dir):
 # ---------------------------------------------------------------------------------------------
 
 def test_vendored_harmful_data_and_truthfulqa_split():
-    forget, held_out = data.load_pku()
+    forget, held_out = corpora.load_pku()
     assert len(forget) == 1016 and len(held_out) == 500
     assert not {r["question"] for r in forget} & {p["question"] for p in held_out}
-    tqa = data.load_truthfulqa()
+    tqa = corpora.load_truthfulqa()
     assert len(tqa) == 817 and all(r["question"] and r["answer"] for r in tqa)
-    tr, va, te = data.split_train_val_test(tqa, seed=0)
+    tr, va, te = corpora.split_train_val_test(tqa, seed=0)
     assert (len(tr), len(va), len(te)) == (572, 82, 163)
     assert sorted(r["question"] for r in tr + va + te) == sorted(r["question"] for r in tqa)
-    assert data.split_train_val_test(tqa, seed=0) == (tr, va, te) and data.split_train_val_test(tqa, 1)[2] != te
-    pool = data.random_answers(tr)
+    assert corpora.split_train_val_test(tqa, seed=0) == (tr, va, te) and corpora.split_train_val_test(tqa, 1)[2] != te
+    pool = corpora.random_answers(tr)
     assert len(pool) == len(set(pool)) and tr[0]["answer"] in pool and not set(pool) & {r["answer"] for r in te} - \
         {a for r in tr for a in [r["answer"], *r["correct"], *r["incorrect"]]}
 
@@ -180,11 +182,11 @@ def test_vendored_harmful_data_and_truthfulqa_split():
 def test_malformed_truthfulqa_names_the_file_and_line(tmp_path):
     (tmp_path / "TruthfulQA.csv").write_text("Question,Best Answer\nq,a\n")
     with pytest.raises(data.DataError, match=r"TruthfulQA.csv:1: missing column\(s\) Correct Answers"):
-        data.load_truthfulqa(tmp_path)
+        corpora.load_truthfulqa(tmp_path)
     (tmp_path / "TruthfulQA.csv").write_text("Question,Best Answer,Correct Answers,Incorrect Answers\n"
                                              "q,a,b;c,d\n,a,b,c\n")
     with pytest.raises(data.DataError, match=r"TruthfulQA.csv:3: empty Question"):
-        data.load_truthfulqa(tmp_path)
+        corpora.load_truthfulqa(tmp_path)
 
 
 def test_qa_hash_format_and_answer_cut(tiny_model_dir):
@@ -231,7 +233,7 @@ def test_llmu_ga_and_flat_run_end_to_end(tiny_model_dir, tmp_path):
         unlearned = Path(report["dirs"]["unlearned"])
         log = json.loads((unlearned / "train_log.json").read_text())
         assert [r["step"] for r in log] == [1, 2]
-        assert f"[unlearn-{method}] step" in p.stdout and "| unlearned |" in p.stdout and "[judge] probe" in p.stdout
+        assert f"[unlearn-{method}] step" in p.stdout and f"| {method} |" in p.stdout and "[judge] probe" in p.stdout
         if method == "llmu":
             assert "p_template" in p.stdout and "retain_kl" in p.stdout
         if method == "ga":

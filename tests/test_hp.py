@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import corpora
 import data
 import evaluate
 import models
@@ -20,29 +21,29 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_chunking_round_trips_the_text(tiny_model_dir):
     tok = models.load_tokenizer(tiny_model_dir)
-    text = data.read_text(data.HELD_OUT_BOOK)[:5000]
+    text = corpora.read_text(corpora.HELD_OUT_BOOK)[:5000]
     ids = tok(text, add_special_tokens=False).input_ids
-    chunks = data.chunk_ids(ids, 37)
+    chunks = corpora.chunk_ids(ids, 37)
     assert [i for c in chunks for i in c] == ids and all(len(c) == 37 for c in chunks[:-1])
     assert tok.decode([i for c in chunks for i in c]) == text
 
 
 def test_forget_and_held_out_chunks_are_disjoint_and_prompts_never_overlap_continuations():
     ids = list(range(1005))  # distinct ids: a token's id is its position
-    forget, held = data.split_chunks(data.chunk_ids(ids, 10), None, 0.2, 10)
+    forget, held = corpora.split_chunks(corpora.chunk_ids(ids, 10), None, 0.2, 10)
     assert len(held) == 20 and held[-1][-1] == 999  # the end of the text; the 5-token tail is dropped
     assert not {i for c in forget for i in c} & {i for c in held for i in c}
-    assert len(data.split_chunks(data.chunk_ids(ids, 10), 7, 0.2, 10)[0]) == 7
-    row = data.prefix_row(forget[3], 4)
+    assert len(corpora.split_chunks(corpora.chunk_ids(ids, 10), 7, 0.2, 10)[0]) == 7
+    row = corpora.prefix_row(forget[3], 4)
     prompt = [i for i, lab in zip(row["input_ids"], row["labels"]) if lab == IGNORE_INDEX]
     scored = [lab for lab in row["labels"] if lab != IGNORE_INDEX]
     assert prompt == forget[3][:4] and scored == forget[3][4:] and not set(prompt) & set(scored)
-    template = data.prefix_row(forget[3], 4, [7, 8, 9])
+    template = corpora.prefix_row(forget[3], 4, [7, 8, 9])
     assert template["input_ids"] == forget[3][:4] + [7, 8, 9] and template["labels"][4:] == [7, 8, 9]
-    batch = data.chunk_unlearning_epoch(forget, 4, [[7, 8]], forget, 3, random.Random(0))
+    batch = corpora.chunk_unlearning_epoch(forget, 4, [[7, 8]], forget, 3, random.Random(0))
     assert sum(len(b["forget"]) for b in batch) == len(forget)
     with pytest.raises(data.DataError, match="too few"):
-        data.split_chunks(data.chunk_ids(ids[:15], 10), None, 0.2, 10)
+        corpora.split_chunks(corpora.chunk_ids(ids[:15], 10), None, 0.2, 10)
 
 
 def _ngrams(words, n):
@@ -55,16 +56,18 @@ def test_bleu_and_rouge_match_hand_computations():
     r, h = ref.split(), hyp.split()
     precisions = [sum((_ngrams(h, n) & _ngrams(r, n)).values()) / max(1, len(h) - n + 1) for n in range(1, 5)]
     bp = math.exp(1 - len(r) / len(h))
-    assert evaluate.bleu([hyp], [ref])[0] == pytest.approx(bp * math.exp(sum(map(math.log, precisions)) / 4), abs=1e-4)
-    assert evaluate.bleu([ref], [ref])[0] == pytest.approx(1.0)
+    # sacreBLEU's own 0-100 scale, as FLAT's tables report it
+    assert evaluate.bleu([hyp], [ref])[0] == pytest.approx(100 * bp * math.exp(sum(map(math.log, precisions)) / 4),
+                                                           abs=1e-2)
+    assert evaluate.bleu([ref], [ref])[0] == pytest.approx(100.0)
     # ROUGE-L: the longest common subsequence is the 8 words of hyp
     assert evaluate.rouge_l_recall([hyp], [ref])[0] == pytest.approx(8 / 9)
     assert evaluate.rouge_l_f1([hyp], [ref])[0] == pytest.approx(2 * (8 / 9) * 1 / (8 / 9 + 1))
     assert evaluate.rouge_l_recall(["the fox over the dog"], [ref])[0] == pytest.approx(5 / 9)
     assert evaluate.rouge_l_recall(["dog lazy the"], [ref])[0] == pytest.approx(1 / 9)  # order matters
-    s = {"forget_bleu": 0.3, "forget_rougeL": 0.5}
+    s = {"forget_bleu": 30.0, "forget_rougeL": 0.5}  # BLEU points, ROUGE-L on 0-1: the gap is in points
     assert evaluate.forget_quality_gap(s, s) == 0
-    assert evaluate.forget_quality_gap(s, {"forget_bleu": 0.1, "forget_rougeL": 0.6}) == pytest.approx(0.3)
+    assert evaluate.forget_quality_gap(s, {"forget_bleu": 10.0, "forget_rougeL": 0.6}) == pytest.approx(30.0)
 
 
 def test_knowmem_answer_cut_at_stop_strings():
@@ -77,12 +80,12 @@ def test_held_out_chunks_never_enter_training(tiny_model_dir, tmp_path, monkeypa
     import run_hp
     seen = []
     for name in ("text_epoch", "chunk_unlearning_epoch"):
-        real = getattr(data, name)
+        real = getattr(corpora, name)
 
         def spy(chunks, *a, _real=real, **k):
             seen.extend(map(tuple, chunks))
             return _real(chunks, *a, **k)
-        monkeypatch.setattr(data, name, spy)
+        monkeypatch.setattr(corpora, name, spy)
     report = run_hp.main(["--model", tiny_model_dir, "--out", str(tmp_path / "run"), *SMOKE])
     items = json.loads((tmp_path / "run" / "eval_items.json").read_text())
     tok = models.load_tokenizer(tiny_model_dir)
@@ -106,18 +109,18 @@ def run(*argv, check=True):
 
 def test_a_text_file_and_muse_news_run_end_to_end(tiny_model_dir, tmp_path):
     book = tmp_path / "book.txt"
-    book.write_text(data.read_text(data.HELD_OUT_BOOK)[:20000])
+    book.write_text(corpora.read_text(corpora.HELD_OUT_BOOK)[:20000])
     p = run("--model", tiny_model_dir, "--text", str(book), "--out", str(tmp_path / "a"), "--method", "npo", *SMOKE)
     report = json.loads((tmp_path / "a" / "results.json").read_text())
     for row in ("reference", "original", "unlearned"):
         assert {"forget_bleu", "forget_rougeL", "held_out_bleu", "held_out_rougeL", "forget_quality_gap",
                 "wikitext_ppl", "held_out_book_ppl"} <= set(report[row])
     assert report["reference"]["forget_quality_gap"] == 0.0
-    assert "[unlearn-npo] step" in p.stdout and "| unlearned |" in p.stdout
+    assert "[unlearn-npo] step" in p.stdout and "| npo |" in p.stdout
     log = json.loads((Path(report["dirs"]["unlearned"]) / "train_log.json").read_text())
     assert [r["step"] for r in log] == [1, 2]
     p = run("--model", tiny_model_dir, "--corpus", "muse-news", "--out", str(tmp_path / "m"), "--max-new-tokens", "4",
-            "--template", "wikitext", *SMOKE)
+            "--template", "wikitext", "--muse-probes", "2", "--privleak-texts", "1", *SMOKE)
     report = json.loads((tmp_path / "m" / "results.json").read_text())
     assert {"verbmem_forget", "knowmem_forget", "knowmem_retain"} <= set(report["unlearned"])
     items = json.loads((tmp_path / "m" / "eval_items.json").read_text())
@@ -125,8 +128,8 @@ def test_a_text_file_and_muse_news_run_end_to_end(tiny_model_dir, tmp_path):
 
 
 def test_bad_input_fails_clearly(tiny_model_dir, tmp_path):
-    for argv, msg in [(["--corpus", "books"], "unknown corpus 'books'"),
-                      (["--template", "c4"], "unknown template 'c4'"),
+    for argv, msg in [(["--corpus", "books"], "--corpus books: must be one of book, muse-news"),
+                      (["--template", "c4"], "--template c4: must be one of refusal, wikitext"),
                       (["--method", "flatt"], "unknown loss 'flatt'"),
                       (["--text", str(tmp_path / "missing.txt")], "missing.txt: file not found"),
                       (["--prompt-tokens", "30", "--chunk-tokens", "24"], "must be below")]:
