@@ -97,7 +97,7 @@ def read_retain_logs(path: str | Path, forget_rows: list[dict], split: str) -> d
             where = next((j for j, r in enumerate(forget_rows) if r["question"] in text), None)
             raise data.DataError(f"{p}: item {i} is not {split} item {i} ({forget_rows[i]['question']!r})"
                                  + (f" but its item {where}" if where is not None else "")
-                                 + f": a log of another split, or of other data")
+                                 + ": a log of another split, or of other data")
     return {"truth_ratio": [float(x) for x in tr], "n": len(tr), "mia_min_k": auc, "source": str(p)}
 
 

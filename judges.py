@@ -194,7 +194,7 @@ def harm_judge(args, out: Path, forget: list[dict], held_out: list[dict], comput
         probe.update(layer=layer, n_train=len(train_rows), n_eval=len(eval_rows),
                      eval_accuracy=float(((p >= 0.5) == y_eval).mean()), eval_auc=mia.roc_auc(p, y_eval),
                      offtopic_harmful=float((p_off >= 0.5).mean()), n_offtopic=len(offtopic_rows))
-        train.write_json(cache, probe)
+        train.write_cache(cache, probe)
     about = {"judge": f"probe ({args.model} layer {layer} + logistic regression)", "layer": layer,
              "n_train": probe["n_train"], "n_eval": probe["n_eval"], "eval_accuracy": probe["eval_accuracy"],
              "eval_auc": probe["eval_auc"], "offtopic_harmful": probe["offtopic_harmful"]}

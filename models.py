@@ -196,14 +196,7 @@ def check_name(name: str) -> None:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of a model (alias, directory or Hub id) without loading its weights."""
     from transformers import AutoTokenizer
-    path = _resolve(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except OSError:
-        if os.path.isdir(path) or not hub_reachable():
-            raise ModelLoadError(f"cannot load the tokenizer of {name!r} ({path}): not found locally and the "
-                                 f"Hugging Face Hub is unreachable") from None
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = _local_or_hub(AutoTokenizer, name, "tokenizer", trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -218,15 +211,20 @@ def context_length(name: str, trust_remote_code: bool = False) -> int | None:
 def model_config(name: str, trust_remote_code: bool = False):
     """A model's config, read without loading its weights (to check flags against it before any work)."""
     from transformers import AutoConfig
+    return _local_or_hub(AutoConfig, name, "config", trust_remote_code)
+
+
+def _local_or_hub(auto_class, name: str, what: str, trust_remote_code: bool):
+    """auto_class.from_pretrained for a model's small files: the local copy or cache first, the Hub
+    only when it can be reached (so that offline, this fails at once and says why)."""
     path = _resolve(name)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return auto_class.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except OSError:
         if os.path.isdir(path) or not hub_reachable():
-            raise ModelLoadError(f"cannot read the config of {name!r} ({path}): not a model directory and not in "
-                                 f"the local cache, and the Hugging Face Hub is unreachable") from None
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return config
+            raise ModelLoadError(f"cannot load the {what} of {name!r} ({path}): not found locally and the "
+                                 f"Hugging Face Hub is unreachable") from None
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def _resolve(name: str) -> str:

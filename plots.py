@@ -66,7 +66,8 @@ def tradeoff(report: dict, path: Path) -> Path:
     ax.set_ylabel(ax_spec["ylabel"], fontsize=9)
     ax.set_title(f"{report.get('title', report['benchmark'])}: utility vs forgetting", fontsize=11)
     ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best", title="dots: final; lines: during unlearning", title_fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best", title="dots: final; lines: during unlearning", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)

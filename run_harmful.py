@@ -36,8 +36,7 @@ from train import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg, one_of
 
 
 @dataclass
-class Args(flat.LossParams):
-    model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
+class Args(train.RunArgs):
     task: str = arg("harmful", "'harmful' (PKU-SafeRLHF) or 'hallucination' (HaluEval QA)",
                     check=one_of("harmful", "hallucination"))
     method: str = arg("llmu", "unlearning loss(es): a key of flat.LOSSES (llmu, ga, flat, ...), a comma-separated "
@@ -53,13 +52,7 @@ class Args(flat.LossParams):
     finetune_lr: Optional[float] = arg(None, "learning rate of that fine-tuning", only=("finetune",), check=POSITIVE)
     max_answer_tokens: Optional[int] = arg(None, "cut training answers after N tokens (default: no cut)",
                                            check=AT_LEAST_1)
-    weight_decay: float = arg(0.01, "AdamW weight decay (Yao et al.: torch's default 0.01)", check=NON_NEGATIVE)
     warmup_epochs: float = arg(0.0, "linear warmup in epochs of the forget pairs (Yao et al.: 0)", check=NON_NEGATIVE)
-    max_grad_norm: float = arg(1.0, "gradient clipping norm", check=POSITIVE)
-    max_steps: Optional[int] = arg(None, "cap on optimiser steps in every training stage (smoke runs)",
-                                   check=AT_LEAST_1)
-    eval_every: int = arg(0, "evaluate every N optimiser steps of unlearning, and at step 0 (0: never)",
-                          only=("unlearn",), check=NON_NEGATIVE)
     eval_prompts: Optional[int] = arg(None, "seen and unseen prompts and TruthfulQA questions evaluated",
                                       only=("eval",), check=AT_LEAST_1)
     max_new_tokens: Optional[int] = arg(None, "greedy generation length", only=("eval",), check=AT_LEAST_1)
@@ -78,14 +71,6 @@ class Args(flat.LossParams):
     data_dir: Optional[str] = arg(None, "harmful: directory with forget.jsonl, eval_prompts.jsonl and TruthfulQA.csv; "
                                         "hallucination: with qa_data.jsonl and TruthfulQA.csv", only=())
     hub_data: bool = arg(False, "harmful: load PKU-Alignment/PKU-SafeRLHF and truthful_qa from the Hub")
-    out: Optional[str] = arg(None, "run directory (default: runs/TASK-MODEL)", only=())
-    device: Optional[str] = arg(None, "cpu, cuda or cuda:N (default: cuda when available)", only=())
-    precision: str = arg("auto", "fp32, mixed or bf16; auto: mixed on CUDA, fp32 on CPU", only=(),
-                         check=one_of(*models.PRECISIONS))
-    gradient_checkpointing: Optional[bool] = arg(None, "recompute activations in backward (default: on for CUDA)",
-                                                 only=())
-    trust_remote_code: bool = arg(False, "allow model code from the Hub", only=())
-    seed: int = arg(0, "seed of the splits, data order and random draws")
     log_every: int = arg(10, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
 
 
@@ -203,9 +188,10 @@ def main(argv=None) -> dict:
             model, tok = get("scorer") if path == original else models.load_model(
                 str(path), compute.device, compute.eval_dtype, False, args.trust_remote_code)
             result = evaluate_model(model, tok, style_of(tok), eval_sets, references, get("judge"), get("scorer"), args)
-        train.write_json(cache, result)
+        train.write_cache(cache, result)
         return result
 
+    @train.once_at_step_0
     def progress(model, tok) -> dict:
         """The in-training evaluation (--eval-every): the task's rate on unseen prompts and the
         TruthfulQA answer NLL, on the --eval-prompts sets (the model as it is at that step; not cached)."""

@@ -42,10 +42,7 @@ from train import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, arg, one_of
 
 
 @dataclass
-class Args(flat.LossParams):
-    model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
-    method: str = arg("flat", "unlearning loss(es): a key of flat.LOSSES, a comma-separated list "
-                              "(flat:kl,flat:js,npo) or 'all'", only=())
+class Args(train.RunArgs):
     corpus: str = arg("book", "'book' (--text files) or 'muse-news'", check=one_of("book", "muse-news"))
     text: list[str] = field(default_factory=list, metadata={"help": "plain-text book file(s) to forget "
                                                                     "(default: the vendored Frankenstein)",
@@ -75,23 +72,8 @@ class Args(flat.LossParams):
     finetune_lr: Optional[float] = arg(None, "learning rate of the original model's fine-tuning",
                                        only=("finetune",), check=POSITIVE)
     finetune_epochs: Optional[int] = arg(None, "epochs of that fine-tuning", only=("finetune",), check=AT_LEAST_1)
-    weight_decay: float = arg(0.01, "AdamW weight decay", check=NON_NEGATIVE)
     warmup_epochs: float = arg(0.0, "linear warmup in epochs, then linear decay to 0", check=NON_NEGATIVE)
-    max_grad_norm: float = arg(1.0, "gradient clipping norm", check=POSITIVE)
-    max_steps: Optional[int] = arg(None, "cap on optimiser steps in every training stage (smoke runs)",
-                                   check=AT_LEAST_1)
-    eval_every: int = arg(0, "evaluate every N optimiser steps of unlearning, and at step 0 (0: never)",
-                          only=("unlearn",), check=NON_NEGATIVE)
     eval_batch_size: int = arg(16, "prompts per generation batch", only=("eval",), check=AT_LEAST_1)
-    out: Optional[str] = arg(None, "run directory (default: runs/hp-MODEL-CORPUS)", only=())
-    device: Optional[str] = arg(None, "cpu, cuda or cuda:N (default: cuda when available)", only=())
-    precision: str = arg("auto", "fp32, mixed or bf16; auto: mixed on CUDA, fp32 on CPU", only=(),
-                         check=one_of(*models.PRECISIONS))
-    gradient_checkpointing: Optional[bool] = arg(None, "recompute activations in backward (default: on for CUDA)",
-                                                 only=())
-    trust_remote_code: bool = arg(False, "allow model code from the Hub", only=())
-    seed: int = arg(0, "seed of data order and template draws")
-    log_every: int = arg(5, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
 
 
 # FLAT's HP setting: 400 chunks, lr 2e-7 (Llama-2), batch 4 x 4 x 2 GPUs, 5 epochs; FLAT used OPT-2.7B
@@ -207,12 +189,13 @@ def main(argv=None) -> dict:
                 r = merge(r, evaluate_muse(model, tok, muse, args))
             r["summary"]["wikitext_ppl"] = evaluate.perplexity(model, wiki_eval, tok.pad_token_id)
             r["summary"]["held_out_book_ppl"] = evaluate.perplexity(model, book_eval, tok.pad_token_id)
-        train.write_json(cache, r)
+        train.write_cache(cache, r)
         return r
 
     reference = evaluation("reference", args.model)["summary"] if args.eval_every else None
 
     # -- 2. unlearning from the original model, one stage per method (cached) --------------------
+    progress_at = train.once_at_step_0(book_progress)
     unlearned = {}
     for label, loss, divergence in variants:
         method = flat.LOSSES[loss]
@@ -236,7 +219,7 @@ def main(argv=None) -> dict:
                                                                     rows_per_step, rng)
                                      for _ in range(args.epochs)), args.batch_size, args.max_steps, world,
                                     distributed.rank())
-            progress = partial(book_progress, tok=tok, sets=sets, wiki_eval=wiki_eval, reference=reference, args=args)
+            progress = partial(progress_at, tok=tok, sets=sets, wiki_eval=wiki_eval, reference=reference, args=args)
             log, evals = train.train(model, plan, partial(train.batch_loss, method=method, params=params,
                                                           pad_id=tok.pad_token_id, ref_model=ref),
                                      args.lr, args, f"unlearn-{label}", compute, progress, args.eval_every)

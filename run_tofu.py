@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 import data
 import distributed
@@ -35,10 +34,7 @@ from train import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg
 
 
 @dataclass
-class Args(flat.LossParams):
-    model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id; sets the prompt format")
-    method: str = arg("flat", "unlearning loss(es): a key of flat.LOSSES, a comma-separated list "
-                              "(flat:kl,flat:js,npo: FLAT with each divergence) or 'all'", only=())
+class Args(train.RunArgs):
     split: str = arg("forget01", "forget split: forget01, forget05 or forget10")
     target_model: Optional[str] = arg(None, "start unlearning from this model (directory or Hub id, e.g. TOFU's "
                                             "released one) instead of fine-tuning one")
@@ -60,27 +56,12 @@ class Args(flat.LossParams):
                                        only=("finetune",), check=POSITIVE)
     finetune_epochs: Optional[int] = arg(None, "epochs of the target and retain fine-tuning", only=("finetune",),
                                          check=AT_LEAST_1)
-    weight_decay: float = arg(0.01, "AdamW weight decay (TOFU: 0.01)", check=NON_NEGATIVE)
     warmup_epochs: float = arg(1.0, "linear warmup length in epochs, then linear decay to 0 (TOFU: 1)",
                                check=NON_NEGATIVE)
-    max_grad_norm: float = arg(1.0, "gradient clipping norm", check=POSITIVE)
-    max_steps: Optional[int] = arg(None, "cap on optimiser steps in every training stage (smoke runs)",
-                                   check=AT_LEAST_1)
-    eval_every: int = arg(0, "evaluate every N optimiser steps of unlearning, and at step 0 (0: never)",
-                          only=("unlearn",), check=NON_NEGATIVE)
     max_new_tokens: int = arg(200, "greedy generation length for ROUGE", only=("eval",), check=AT_LEAST_1)
     eval_batch_size: int = arg(64, "questions per generation batch (scoring batches hold half as many answers)",
                                only=("eval",), check=AT_LEAST_1)
     data_dir: Optional[str] = arg(None, "directory with TOFU JSON Lines files (default: the vendored copy)", only=())
-    out: Optional[str] = arg(None, "run directory (default: runs/tofu-MODEL-SPLIT)", only=())
-    device: Optional[str] = arg(None, "cpu, cuda or cuda:N (default: cuda when available)", only=())
-    precision: str = arg("auto", "fp32, mixed (fp32 weights, bf16 autocast) or bf16 (bf16 weights); auto: mixed "
-                                 "on CUDA, fp32 on CPU", only=(), check=train.one_of(*models.PRECISIONS))
-    gradient_checkpointing: Optional[bool] = arg(None, "recompute activations in backward (default: on for CUDA)",
-                                                 only=())
-    trust_remote_code: bool = arg(False, "allow model code from the Hub", only=())
-    seed: int = arg(0, "seed of data order, template and retain draws")
-    log_every: int = arg(5, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
 
 
 # Settings that default per model. TOFU's protocol (Maini et al. 2024; open-unlearning): 5 epochs of
@@ -176,7 +157,7 @@ def main(argv=None) -> dict:
             summary, items = evaluate.evaluate_tofu(model, tok, models.prompt_style(args.model, tok), eval_sets,
                                                     args.max_new_tokens, args.eval_batch_size)
         result = {"summary": summary, "items": items}
-        train.write_json(cache, result)
+        train.write_cache(cache, result)
         return result
 
     retain_tr = retain_logs["truth_ratio"] if retain_logs else None
@@ -184,6 +165,7 @@ def main(argv=None) -> dict:
         retain_tr = evaluation("retain", retain_model)["items"]["forget"]["truth_ratio"]
 
     # -- 3. unlearning, from the target model, one stage per method (cached) ----------------------
+    progress_at = train.once_at_step_0(tofu_progress)
     unlearned = {}
     for label, loss, divergence in variants:
         method = flat.LOSSES[loss]
@@ -207,7 +189,7 @@ def main(argv=None) -> dict:
             plan = train.plan_steps((data.unlearning_epoch(tok, style, forget, templates, retain_pool, rows_per_step, rng)
                                      for _ in range(args.epochs)), args.batch_size, args.max_steps, world,
                                     distributed.rank())
-            progress = partial(tofu_progress, tok=tok, style=style, sets=eval_sets, retain_tr=retain_tr, args=args)
+            progress = partial(progress_at, tok=tok, style=style, sets=eval_sets, retain_tr=retain_tr, args=args)
             log, evals = train.train(model, plan, partial(train.batch_loss, method=method, params=params,
                                                           pad_id=tok.pad_token_id, ref_model=ref),
                                      args.lr, args, f"unlearn-{label}", compute, progress, args.eval_every)

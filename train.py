@@ -45,7 +45,7 @@ import models
 # Flags: one dataclass per runner; each field declares its help, its stages and its valid range
 # ---------------------------------------------------------------------------------------------
 
-STAGES = ("finetune", "unlearn", "eval", "judge")
+STAGES = ("finetune", "unlearn", "eval")
 
 
 class UsageError(ValueError):
@@ -73,6 +73,30 @@ def arg(default, help: str, only: tuple | None = None, check: Check | None = Non
     flag changes, for stage keys; None means every stage (the safe default: a flag wrongly left
     in a key costs a cache miss, one wrongly left out a stale result). check: its valid range."""
     return dataclasses.field(default=default, metadata={"help": help, "only": only, "check": check})
+
+
+@dataclasses.dataclass
+class RunArgs(flat.LossParams):
+    """The flags every runner has; each runner's Args extends this (and flat.LossParams, whose fields
+    are the loss hyperparameters)."""
+    model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
+    method: str = arg("flat", "unlearning loss(es): a key of flat.LOSSES, a comma-separated list "
+                              "(flat:kl,flat:js,npo: FLAT with each divergence) or 'all'", only=())
+    weight_decay: float = arg(0.01, "AdamW weight decay", check=NON_NEGATIVE)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm", check=POSITIVE)
+    max_steps: int | None = arg(None, "cap on optimiser steps in every training stage (smoke runs)", check=AT_LEAST_1)
+    eval_every: int = arg(0, "evaluate every N optimiser steps of unlearning, and at step 0 (0: never)",
+                          only=("unlearn",), check=NON_NEGATIVE)
+    out: str | None = arg(None, "run directory (default: runs/RUNNER-MODEL-...)", only=())
+    device: str | None = arg(None, "cpu, cuda or cuda:N (default: cuda when available)", only=())
+    precision: str = arg("auto", "fp32, mixed (fp32 weights, bf16 autocast) or bf16 (bf16 weights); auto: mixed "
+                                 "on CUDA, fp32 elsewhere", only=(), check=Check(lambda v: v in models.PRECISIONS,
+                                                                                 "one of " + ", ".join(models.PRECISIONS)))
+    gradient_checkpointing: bool | None = arg(None, "recompute activations in backward (default: on for CUDA)",
+                                              only=())
+    trust_remote_code: bool = arg(False, "allow model code from the Hub", only=())
+    seed: int = arg(0, "seed of data order and random draws")
+    log_every: int = arg(5, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
 
 
 def parse_args(cls, argv=None):
@@ -246,7 +270,7 @@ def safe_name(name: str) -> str:
 def main_guard(main) -> None:
     """Run a runner's main: known failures become one `error:` line and exit 2; Ctrl-C or SIGTERM
     exits 130 with every finished stage left usable (each is written atomically)."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except KeyboardInterrupt:
@@ -256,6 +280,7 @@ def main_guard(main) -> None:
     except (FloatingPointError, models.ModelLoadError, data.DataError, UsageError, flat.UnknownName) as e:
         fail(str(e))
     finally:
+        signal.signal(signal.SIGTERM, previous)
         distributed.close()
 
 
@@ -348,15 +373,15 @@ def train(model, plan: Plan, loss_fn, lr: float, args, stage: str, compute: mode
     """Run every optimiser step of the plan; return (training log, in-training evaluations).
 
     loss_fn(model, batch) -> (per-row loss (B,), {diagnostic: (B,)}). `args` supplies weight_decay,
-    warmup_epochs, max_grad_norm and log_every. With eval_every > 0, evaluate(model) -> dict runs at
-    step 0, every eval_every steps and after the last step.
+    warmup_epochs, max_grad_norm and log_every. With eval_every > 0, evaluate(model, step) -> dict runs
+    at step 0, every eval_every steps and after the last step.
     """
     total = len(plan.steps)
     warmup = min(round(args.warmup_epochs * plan.steps_per_epoch), max(total - 1, 0))
     opt, sched = optimizer_and_schedule(model, lr, args.weight_decay, warmup, total)
     log, evals, window = [], [], []
     if evaluate is not None and eval_every:
-        evals.append({"step": 0, **evaluate(model)})
+        evals.append({"step": 0, **evaluate(model, 0)})
     model.train()
     bar = tqdm(total=total, desc=stage, leave=False, disable=not distributed.is_main())
     t_last = time.time()
@@ -386,7 +411,7 @@ def train(model, plan: Plan, loss_fn, lr: float, args, stage: str, compute: mode
             log.append({"step": step, "epoch": plan.epoch[step - 1], "lr": lr_now, **mean})
             window, t_last = [], now
         if evaluate is not None and eval_every and (step % eval_every == 0 or step == total):
-            evals.append({"step": step, **evaluate(model)})
+            evals.append({"step": step, **evaluate(model, step)})
             model.train()
     bar.close()
     check_finite_weights(model, total, stage, compute.device)
@@ -553,6 +578,9 @@ def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) ->
     interrupted run never leaves a half-written model that a rerun would trust. Under torchrun every
     rank gathers the full state dict and rank 0 writes it."""
     state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    if state is not None and getattr(model.config, "tie_word_embeddings", False):
+        for key in getattr(model, "_tied_weights_keys", None) or ():  # e.g. lm_head.weight: the embedding's copy
+            state.pop(key, None)
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-"))
@@ -567,7 +595,13 @@ def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) ->
     distributed.barrier()
 
 
-def write_json(path: Path, obj) -> None:
+def write_cache(path: Path, obj) -> None:
+    """A stage's cached result, written atomically. Python's own reader takes NaN, so a non-finite
+    metric is kept as it came out (results.json, strict, turns it into null with a warning)."""
+    write_json(path, obj, allow_nan=True)
+
+
+def write_json(path: Path, obj, allow_nan: bool = False) -> None:
     """Write strict JSON atomically (temporary file, then rename). A non-finite float would be
     written as a bare NaN that strict parsers reject: it is an error here (see finite_report)."""
     path = Path(path)
@@ -576,7 +610,7 @@ def write_json(path: Path, obj) -> None:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str, allow_nan=False)
+            json.dump(obj, f, indent=1, default=str, allow_nan=allow_nan)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -624,6 +658,20 @@ def training_logs(stage: Path) -> dict:
     """A trained stage's logs: {"log": per-step records, "evals": in-training evaluations}."""
     return {"log": read_json(stage / "train_log.json"),
             "evals": read_json(stage / "eval_log.json") if (stage / "eval_log.json").exists() else []}
+
+
+def once_at_step_0(evaluate: Callable) -> Callable:
+    """An in-training evaluation whose step-0 result is computed once: at step 0 every method's model
+    is the same one (the target, the original), so a run of several methods evaluates it once."""
+    memo = {}
+
+    def wrapped(model, step, **kw):
+        if step:
+            return evaluate(model, **kw)
+        if "step0" not in memo:
+            memo["step0"] = evaluate(model, **kw)
+        return memo["step0"]
+    return wrapped
 
 
 def read_json(path: Path):

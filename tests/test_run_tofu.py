@@ -1,76 +1,100 @@
-"""run_tofu.py end to end through subprocess on a tiny random-weight model, for every method."""
+"""run_tofu.py end to end on a tiny random-weight model: every method in one command (shared
+fine-tuning, one row each), in-training evaluation, the new privacy keys, pictures; as a user runs it."""
 import json
-import subprocess
-import sys
+import math
+import shutil
+import struct
 from pathlib import Path
-
 
 import evaluate
 import flat
+import plots
+import train
+from conftest import TOFU_SMOKE, run_script
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ["--max-steps", "2", "--retain-authors", "1", "--eval-items", "3", "--max-new-tokens", "4",
-         "--batch-size", "4", "--log-every", "1"]
 KEYS = {"forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio",
-        *evaluate.UTILITY_KEYS}
+        "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "privleak", "exact_memorization",
+        "extraction_strength", *evaluate.UTILITY_KEYS}
 
 
-def run(*argv, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "run_tofu.py"), *argv], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+def test_every_method_runs_once_with_shared_fine_tuning_and_reports_every_key(tofu_run):
+    report, out = tofu_run.report, tofu_run.out
+    assert list(report["methods"]) == list(flat.LOSSES)            # `all`, one row per method, in table order
+    rows = {"target": report["target"], "retain": report["retain"], **report["methods"]}
+    for name, row in rows.items():
+        assert KEYS <= set(row), (name, KEYS - set(row))
+        assert all(isinstance(row[k], float) and math.isfinite(row[k]) for k in KEYS), name
+        assert f"| {name} |" in tofu_run.stdout
+    assert report["retain"]["forget_quality"] == 1.0 and report["retain"]["privleak"] == 0.0
+    assert report["warnings"] == []
+    # each fine-tuning ran once, every method's unlearning once, each from the shared target
+    assert tofu_run.stdout.count("[finetune-target] step     2/2") == 1
+    assert tofu_run.stdout.count("[finetune-retain] step     2/2") == 1
+    for method in flat.LOSSES:
+        assert tofu_run.stdout.count(f"[unlearn-{method}] step     2/2") == 1, method
+        log = json.loads((Path(report["dirs"][method]) / "train_log.json").read_text())
+        assert [r["step"] for r in log] == [1, 2] and log[-1]["lr"] == 0.0
+        config = json.loads((Path(report["dirs"][method]) / "run_config.json").read_text())
+        assert config["method"] == method
+    results = json.loads((out / "results.json").read_text())           # strict JSON, the same report
+    assert results["methods"].keys() == report["methods"].keys()
+    items = json.loads((out / "eval_items.json").read_text())
+    assert set(items["target"]["mia"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
+    assert len(items["target"]["mia"]["min_k"]["holdout"]) == 40 == len(items["target"]["forget"]["question"])
 
 
-def test_every_method_runs_end_to_end_and_reports_every_key(tiny_model_dir, tmp_path):
+def test_eval_every_records_evaluations_at_step_0_and_every_step(tofu_run):
+    for method, logs in tofu_run.report["training"].items():
+        assert [e["step"] for e in logs["evals"]] == [0, 1, 2], method
+        assert all(0 <= e["forget_quality"] <= 1 and 0 <= e["model_utility"] <= 1 for e in logs["evals"])
+        stage = Path(tofu_run.report["dirs"][method])
+        assert json.loads((stage / "eval_log.json").read_text()) == logs["evals"]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_pictures_are_valid_pngs_drawn_from_results_json_alone(tofu_run, tmp_path):
+    for name in ("tradeoff.png", "curves.png"):
+        w, h = _png_size(tofu_run.out / name)
+        assert w >= 400 and h >= 300 and (tofu_run.out / name).stat().st_size < 300_000
+    results = json.loads((tofu_run.out / "results.json").read_text())
+    plots.draw_all(results, tmp_path)                              # no model: results.json is enough
+    for name in ("tradeoff.png", "curves.png"):
+        assert (tmp_path / name).read_bytes() == (tofu_run.out / name).read_bytes(), name
+
+
+def test_the_cli_reuses_every_stage_and_retrains_only_what_a_changed_flag_reads(tofu_run, tiny_model_dir,
+                                                                                  tmp_path):
+    """As a user runs it (a new process): the same flags find every stage cached. Without --eval-every the
+    fine-tunings are still cached (it is not theirs to read) and the unlearning is redone once; then a
+    changed evaluation-only flag retrains nothing, and a changed clipping norm retrains every stage."""
     out = tmp_path / "run"
-    for i, method in enumerate(sorted(flat.LOSSES)):
-        p = run("--model", tiny_model_dir, "--method", method, "--out", str(out), *SMOKE)
-        report = json.loads((out / "results.json").read_text())
-        for name in ["target", "retain", "unlearned"]:
-            assert KEYS <= set(report[name]), (method, KEYS - set(report[name]))
-            assert all(isinstance(report[name][k], float) and report[name][k] == report[name][k] for k in KEYS)
-        assert report["retain"]["forget_quality"] == 1.0
-        unlearned = Path(report["dirs"]["unlearned"])
-        assert (unlearned / "model.safetensors").exists() and (unlearned / "train_log.json").exists()
-        log = json.loads((unlearned / "train_log.json").read_text())
-        assert [r["step"] for r in log] == [1, 2]
-        assert f"[unlearn-{method}] step" in p.stdout and f"| {method} |" in p.stdout
-        if i == 0:  # the fine-tuned models are cached: later methods reuse them
-            assert "finetune-target" in p.stdout + p.stderr
-        else:
-            assert "target model: cached" in p.stdout
-    config = json.loads((out / "config.json").read_text())
-    assert config["method"] == sorted(flat.LOSSES)[-1] and config["max_steps"] == 2
-
-
-def test_bad_names_fail_before_any_model_is_loaded(tiny_model_dir, tmp_path):
-    for argv, msg in [(["--method", "gd2"], "unknown loss 'gd2'"),
-                      (["--divergence", "hellinger"], "unknown divergence 'hellinger'"),
-                      (["--split", "forget02"], "unknown split 'forget02'"),
-                      (["--model", "gpt-17"], "unknown model 'gpt-17'"),
-                      (["--no-such-flag", "1"], "unknown arguments")]:
-        p = run("--out", str(tmp_path / "x"), *argv, check=False)
-        assert p.returncode == 2 and msg in p.stderr, (argv, p.stderr[-500:])
-        assert not (tmp_path / "x").exists()
-
-
-def test_malformed_or_empty_data_fails_with_the_file_and_line(tiny_model_dir, tmp_path):
-    data_dir = tmp_path / "tofu"
-    data_dir.mkdir()
-    for f in (ROOT / "data" / "tofu").glob("*.jsonl"):
-        (data_dir / f.name).write_bytes(f.read_bytes())
-    (data_dir / "forget01.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": 3, "answer": "a"}\n')
-    p = run("--model", tiny_model_dir, "--data-dir", str(data_dir), "--out", str(tmp_path / "x"), check=False)
-    assert p.returncode == 2 and "forget01.jsonl:2: field 'question'" in p.stderr
-    (data_dir / "forget01.jsonl").write_text("")
-    p = run("--model", tiny_model_dir, "--data-dir", str(data_dir), "--out", str(tmp_path / "x"), check=False)
-    assert p.returncode == 2 and "forget set forget01 is empty" in p.stderr
+    shutil.copytree(tofu_run.out, out)
+    base = ["--model", tiny_model_dir, "--method", "flat", "--out", str(out), "--grad-accum", "2", *TOFU_SMOKE]
+    p = run_script("run_tofu.py", *base, "--eval-every", "1")
+    assert "[finetune-" not in p.stdout and "[unlearn-" not in p.stdout
+    assert json.loads((out / "results.json").read_text())["methods"]["flat"] == tofu_run.report["methods"]["flat"]
+    p = run_script("run_tofu.py", *base)
+    assert "[finetune-" not in p.stdout and "[unlearn-flat] step" in p.stdout
+    p = run_script("run_tofu.py", *base, "--max-new-tokens", "3", "--eval-batch-size", "5")
+    assert "[finetune-" not in p.stdout and "[unlearn-" not in p.stdout
+    p = run_script("run_tofu.py", *base, "--max-grad-norm", "0.5")
+    assert "[finetune-target] step" in p.stdout and "[finetune-retain] step" in p.stdout
+    assert "[unlearn-flat] step" in p.stdout
 
 
 def test_a_diverging_loss_stops_the_run_without_saving(tiny_model_dir, tmp_path):
-    p = run("--model", tiny_model_dir, "--out", str(tmp_path / "run"), *SMOKE, "--lr", "1e30", "--method", "ga",
-            check=False)
-    assert p.returncode != 0 and "stopping without saving" in p.stderr
+    p = run_script("run_tofu.py", "--model", tiny_model_dir, "--out", str(tmp_path / "run"), *TOFU_SMOKE,
+                   "--lr", "1e30", "--method", "ga", check=False)
+    assert p.returncode == 2 and "stopping without saving" in p.stderr and "Traceback" not in p.stderr
     assert not list((tmp_path / "run").glob("unlearn-ga-*"))
+
+
+def test_stage_names_are_hashes_of_their_keys(tofu_run):
+    report = tofu_run.report
+    for method in ("flat", "npo"):
+        assert Path(report["dirs"][method]).name.startswith(f"unlearn-{train.safe_name(method)}-")

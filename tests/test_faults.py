@@ -1,0 +1,255 @@
+"""Fault injection: bad flags and data fail with one clear line before any work; caches are keyed by
+content, damaged ones recomputed, stale temporaries removed; non-finite metrics never reach results
+silently; one run per directory; Ctrl-C leaves every finished stage usable."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+import bench
+import run_harmful
+import run_hp
+import run_tofu
+import train
+from conftest import BOOK_SMOKE, ROOT, TOFU_SMOKE, run_in_process, run_script
+
+
+def fails_cleanly(main, argv, capsys, out: Path, *needles):
+    """main(argv) exits 2 with exactly one `error:` line naming what is wrong, and creates nothing."""
+    with pytest.raises(SystemExit) as e:
+        train.main_guard(partial(main, argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert e.value.code == 2, (argv, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+    for needle in needles:
+        assert needle in lines[0], (argv, needle, lines[0])
+    assert not out.exists(), argv
+
+
+BAD_TOFU = [(["--max-grad-norm", "-1"], "--max-grad-norm -1.0: must be > 0"),
+            (["--max-steps", "0"], "--max-steps 0: must be >= 1"), (["--epochs", "0"], "--epochs 0"),
+            (["--batch-size", "-3"], "--batch-size -3"), (["--grad-accum", "-2"], "--grad-accum -2"),
+            (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0"), (["--lr", "-1"], "--lr -1.0: must be > 0"),
+            (["--lr", "nan"], "--lr nan"), (["--eval-items", "0"], "--eval-items 0"),
+            (["--max-new-tokens", "0"], "--max-new-tokens 0"), (["--eval-batch-size", "0"], "--eval-batch-size 0"),
+            (["--retain-authors", "0"], "--retain-authors 0"), (["--eval-every", "-1"], "--eval-every -1"),
+            (["--warmup-epochs", "-1"], "--warmup-epochs"), (["--precision", "fp16"], "--precision fp16"),
+            (["--device", "foo"], "unknown device 'foo'"), (["--split", "forget02"], "unknown split 'forget02'"),
+            (["--method", "flat,gd2"], "unknown loss 'gd2'"), (["--method", "flat:hellinger"], "unknown divergence"),
+            (["--method", "npo:kl"], "only flat takes a divergence"), (["--divergence", "hellinger"], "unknown divergence"),
+            (["--model", "gpt-17"], "unknown model 'gpt-17'"), (["--target-model", "./nowhere"], "unknown model"),
+            (["--retain-logs", "missing/dir"], "file not found")]
+BAD_HP = [(["--n-chunks", "-1"], "--n-chunks -1"), (["--held-out-fraction", "-0.2"], "--held-out-fraction -0.2"),
+          (["--held-out-fraction", "1.5"], "in (0, 1)"), (["--prompt-tokens", "-5"], "--prompt-tokens -5"),
+          (["--chunk-tokens", "1"], "--chunk-tokens 1"), (["--prompt-tokens", "30", "--chunk-tokens", "24"], "must be below"),
+          (["--corpus", "books"], "--corpus books"), (["--template", "c4"], "--template c4"),
+          (["--muse-probes", "-1"], "--muse-probes -1"), (["--epochs", "0"], "--epochs 0"),
+          (["--corpus", "muse-news", "--text", "x.txt"], "exclude each other")]
+BAD_HARMFUL = [(["--steps", "0"], "--steps 0"), (["--eval-prompts", "0"], "--eval-prompts 0"),
+               (["--task", "jokes"], "--task jokes"), (["--judge", "no/such-judge-dir/x"], "unknown model"),
+               (["--forget-items", "0"], "--forget-items 0"), (["--method", "llmu2"], "unknown loss 'llmu2'")]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_TOFU, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_tofu_flags(argv, needle, tiny_model_dir, tmp_path, capsys):
+    model = [] if "--model" in argv else ["--model", tiny_model_dir]
+    fails_cleanly(run_tofu.main, [*model, "--out", str(tmp_path / "x"), *argv], capsys, tmp_path / "x", needle)
+
+
+@pytest.mark.parametrize("argv,needle", BAD_HP, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_hp_flags(argv, needle, tiny_model_dir, tmp_path, capsys):
+    fails_cleanly(run_hp.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), *argv], capsys,
+                  tmp_path / "x", needle)
+
+
+@pytest.mark.parametrize("argv,needle", BAD_HARMFUL, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bad_harmful_flags(argv, needle, tiny_model_dir, tmp_path, capsys):
+    fails_cleanly(run_harmful.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), *argv], capsys,
+                  tmp_path / "x", needle)
+
+
+def test_a_judge_layer_the_model_does_not_have_fails_before_any_work(tiny_model_dir, tmp_path, capsys):
+    fails_cleanly(run_harmful.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), "--judge-layer", "99"],
+                  capsys, tmp_path / "x", "--judge-layer 99", "hidden states 0..2")
+
+
+def test_bad_out_directories_fail_before_any_work(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "file")], capsys,
+                  tmp_path / "nothing", "--out", "is not a directory")
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "file" / "sub")], capsys,
+                  tmp_path / "nothing", "is not a directory")
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "ro" / "x")], capsys,
+                      tmp_path / "ro" / "x", "not writable")
+
+
+def test_a_directory_that_is_not_a_model_is_named(tmp_path, capsys):
+    (tmp_path / "notamodel").mkdir()
+    fails_cleanly(run_hp.main, ["--model", str(tmp_path / "notamodel"), "--out", str(tmp_path / "x")], capsys,
+                  tmp_path / "x", "is a directory but not a model: it has no config.json")
+
+
+def test_errors_are_one_line_without_a_traceback_from_the_command_line(tiny_model_dir, tmp_path):
+    for script, argv in [("run_tofu.py", ["--lr", "-1"]), ("run_hp.py", ["--text", str(tmp_path)]),
+                         ("run_harmful.py", ["--no-such-flag", "1"])]:
+        p = run_script(script, "--model", tiny_model_dir, "--out", str(tmp_path / "x"), *argv, check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (script, p.stderr)
+        assert len([line for line in p.stderr.splitlines() if "error:" in line]) == 1, p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Data problems: DataErrors naming the file, before any model loads
+# ---------------------------------------------------------------------------------------------
+
+def _tofu_copy(tmp_path) -> Path:
+    d = tmp_path / "tofu"
+    d.mkdir()
+    for f in (ROOT / "data" / "tofu").glob("*.jsonl"):
+        (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+def test_bad_data_files_fail_naming_the_file(tiny_model_dir, tmp_path, capsys):
+    d = _tofu_copy(tmp_path)
+    forget = (d / "forget01.jsonl").read_text().splitlines()
+    cases = [
+        ("forget01.jsonl", "\n".join(forget[:2] + [json.dumps({"question": "q", "answer": "  "})]), "forget01.jsonl:3",
+         "field 'answer' is empty"),
+        ("forget01.jsonl", "\n".join(forget[:2] + ['{"question": 3, "answer": "a"}']), "forget01.jsonl:3", "question"),
+        ("forget01.jsonl", "", "forget set forget01 is empty", ""),
+    ]
+    for name, text, *needles in cases:
+        (d / name).write_text(text)
+        fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--data-dir", str(d), "--out", str(tmp_path / "x")],
+                      capsys, tmp_path / "x", *needles)
+        (d / "forget01.jsonl").write_text("\n".join(forget))
+    (d / "forget01.jsonl").write_bytes("\n".join(forget[:3]).encode("utf-16"))
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--data-dir", str(d), "--out", str(tmp_path / "x")],
+                  capsys, tmp_path / "x", "forget01.jsonl:1: not UTF-8 (it looks like UTF-16)")
+    (d / "forget01.jsonl").write_text("\n".join(forget))
+    pert = [json.loads(line) for line in (d / "forget01_perturbed.jsonl").read_text().splitlines()]
+    for bad, needle in [([], "'perturbed_answer' must be a non-empty list"), (pert[1]["perturbed_answer"][:3],
+                                                                               "row 2 has 3 perturbed answers")]:
+        rows = [dict(pert[0]), dict(pert[1], perturbed_answer=bad), *pert[2:]]
+        (d / "forget01_perturbed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--data-dir", str(d), "--out", str(tmp_path / "x")],
+                      capsys, tmp_path / "x", "forget01_perturbed.jsonl", needle)
+
+
+def test_bad_books_fail_naming_the_file(tiny_model_dir, tmp_path, capsys):
+    text = "Alice was beginning to get very tired of sitting by her sister on the bank. " * 40 + " caf\u00e9"
+    for name, content, needle in [("latin1.txt", text.encode("latin-1"), "not UTF-8"),
+                                  ("utf16.txt", text.encode("utf-16"), "it looks like UTF-16"),
+                                  ("nul.txt", b"\x00" * 4000, "NUL bytes"),
+                                  ("binary.txt", bytes(range(1, 32)) * 200, "not printable"),
+                                  ("empty.txt", b"  \n", "the file is empty")]:
+        (tmp_path / name).write_bytes(content)
+        fails_cleanly(run_hp.main, ["--model", tiny_model_dir, "--text", str(tmp_path / name), "--out",
+                                    str(tmp_path / "x")], capsys, tmp_path / "x", name, needle)
+    fails_cleanly(run_hp.main, ["--model", tiny_model_dir, "--text", str(tmp_path), "--out", str(tmp_path / "x")],
+                  capsys, tmp_path / "x", "is a directory")
+
+
+def test_bad_truthfulqa_csv_fails_naming_the_file(tiny_model_dir, tmp_path, capsys):
+    d = tmp_path / "harm"
+    d.mkdir()
+    for f in (ROOT / "data" / "harmful" / "pku_saferlhf").glob("*.jsonl"):
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / "TruthfulQA.csv").write_bytes("Question,Best Answer,Correct Answers,Incorrect Answers\nqu\u00e9,a,b,c\n"
+                                       .encode("latin-1"))
+    fails_cleanly(run_harmful.main, ["--model", tiny_model_dir, "--data-dir", str(d), "--out", str(tmp_path / "x")],
+                  capsys, tmp_path / "x", "TruthfulQA.csv:2: not UTF-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches: keyed by content, damaged ones recomputed, temporaries removed, one run per directory
+# ---------------------------------------------------------------------------------------------
+
+def test_data_edited_in_place_retrains_and_damage_is_recovered(book_run):
+    """The book run's directory: edit the book in place, damage a cached evaluation and a cached model,
+    leave the temporary directory a killed save leaves, then rerun."""
+    out, book = book_run.out, book_run.book
+    argv = ["--model", book_run.model, "--text", str(book), "--out", str(out), "--method", "npo", "--batch-size", "2",
+            *BOOK_SMOKE]
+    again = run_in_process(run_hp.main, argv)
+    assert "original model: cached" in again.stdout and "unlearned model (npo): cached" in again.stdout
+    evals = sorted(out.glob("eval-reference-*.json"))
+    evals[0].write_text(evals[0].read_text()[:50])                    # a truncated evaluation cache
+    stale = out / f"{train.TMP_PREFIX}unlearn-npo-x-123"                # what a killed save leaves
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    npo_dir = Path(book_run.report["dirs"]["npo"])
+    (npo_dir / "model.safetensors").write_bytes(b"\x00" * 64)          # a damaged model
+    r = run_in_process(run_hp.main, argv)
+    assert not stale.exists() and "[cleanup] removed 1 temporary" in r.stdout
+    assert f"{evals[0]}: does not parse" in r.stdout and list(out.glob(f"{evals[0].name}.damaged-*"))
+    assert f"{npo_dir}: damaged" in r.stdout and "[unlearn-npo] step" in r.stdout
+    assert r.report["reference"] == book_run.report["reference"]       # recomputed, the same numbers
+    book.write_text(book.read_text().replace("Alice", "Alicia"))       # the book edited in place
+    r = run_in_process(run_hp.main, argv)
+    assert "[finetune-original] step" in r.stdout and "[unlearn-npo] step" in r.stdout
+
+
+def test_non_finite_metrics_are_null_with_a_warning(book_run, monkeypatch):
+    import evaluate
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, **k: float("nan"))
+    argv = ["--model", book_run.model, "--text", str(book_run.book), "--out", str(book_run.out.parent / "nan"),
+            "--method", "npo", "--batch-size", "2", *BOOK_SMOKE]
+    r = run_in_process(run_hp.main, argv)
+    results = json.loads((book_run.out.parent / "nan" / "results.json").read_text())  # strict JSON parses
+    assert results["methods"]["npo"]["wikitext_ppl"] is None and results["reference"]["wikitext_ppl"] is None
+    assert "methods.npo.wikitext_ppl: nan" in results["warnings"] and "reference.wikitext_ppl: nan" in results["warnings"]
+    assert "NaN (!)" in r.stdout and "warning: not finite" in r.stdout
+
+
+def test_a_second_run_on_the_same_directory_fails_clearly(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    train.lock_run_dir(out)  # this test process plays the first run
+    try:
+        p = run_script("run_tofu.py", "--model", tiny_model_dir, "--out", str(out), *TOFU_SMOKE, check=False)
+    finally:
+        train._LOCKS.pop().close()
+    assert p.returncode == 2 and f"another run is using {out}" in p.stderr and "Traceback" not in p.stderr
+    assert not list(out.glob("target-*"))
+
+
+def test_ctrl_c_exits_130_and_keeps_finished_stages(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "run_tofu.py"), "--model", tiny_model_dir, "--out", str(out),
+            "--retain-authors", "1", "--batch-size", "2", "--finetune-epochs", "1", "--epochs", "50", "--lr", "1e-3",
+            "--log-every", "1"]
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("unlearn-flat-*/")) and not list(out.glob(f"{train.TMP_PREFIX}*")) and time.time() < deadline:
+        if list(out.glob("retain-*/config.json")):
+            time.sleep(3)  # unlearning has begun: 50 epochs take far longer than this
+            break
+        time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "interrupted: every finished stage is saved" in stderr and "Traceback" not in stderr
+    assert train.load_cached_model_or_none(next(out.glob("target-*"))) and train.load_cached_model_or_none(
+        next(out.glob("retain-*")))
+    assert not list(out.glob("unlearn-flat-*"))
+
+
+def test_bench_rejects_unknown_names_and_zero(tmp_path, capsys):
+    for argv, needle in [(["--methods", "flatt"], "unknown loss 'flatt'"), (["--models", "gpt-17"], "unknown model"),
+                         (["--steps", "0"], "must be >= 1"), (["--batch-size", "0"], "must be >= 1"),
+                         (["--device", "tpu"], "device")]:
+        with pytest.raises(SystemExit) as e:
+            bench.main([*argv, "--out", str(tmp_path / "r.md")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err, (argv, err)
+    assert not (tmp_path / "r.md").exists()
