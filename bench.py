@@ -38,6 +38,7 @@ import distributed
 import evaluate
 import flat
 import models
+import stages
 import train
 from flat import IGNORE_INDEX, SeqStats
 
@@ -586,7 +587,7 @@ def main(argv=None) -> None:
             if name not in ARCHS:
                 models.check_name(name)
     except (ValueError, KeyError, models.ModelLoadError) as e:
-        train.fail(str(e))
+        stages.fail(str(e))
     if args.plan_memory:
         return plan_memory_table(args, Path(args.out or ROOT / "bench" / "MEMORY.md"))
     args.out = args.out or str(ROOT / "bench" / "RESULTS.md")

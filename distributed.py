@@ -96,7 +96,10 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def full_state_dict(model) -> dict:
     """The full, unsharded state dict on CPU (on rank 0; empty elsewhere). Every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

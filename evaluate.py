@@ -386,6 +386,7 @@ def evaluate_tofu(model, tokenizer, style: str, sets: dict[str, list[dict]], max
         scores = {"forget": mia.attack_scores(forget, [r["answer"] for r in sets["forget"]]),
                   "holdout": mia.attack_scores(holdout, [r["answer"] for r in sets["holdout"]])}
         logs["mia"] = {a: {side: scores[side][a] for side in scores} for a in mia.ATTACKS}
+        logs["mia"]["tokens"] = {"forget": forget, "holdout": holdout}  # what any other attack would read
         for a in mia.ATTACKS:
             summary[f"mia_{a}"] = mia.mia_auc(scores["forget"][a], scores["holdout"][a])
         logs["forget"]["exact_memorization"] = [mia.exact_memorization(d["hit"]) for d in forget]

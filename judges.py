@@ -22,10 +22,9 @@ import data
 import evaluate
 import mia
 import models
-import train
+import stages
 from flat import IGNORE_INDEX
 from models import position_ids
-
 
 # ---------------------------------------------------------------------------------------------
 # Features and the logistic regression the probe is
@@ -182,8 +181,8 @@ def harm_judge(args, out: Path, forget: list[dict], held_out: list[dict], comput
                      for p in rng.sample(held_out, min(args.judge_eval_items // 2, len(held_out)))]
     key = dict(model=args.model, layer=layer, l2=args.judge_l2, precision=compute.precision,
                rows=data.digest(train_rows, eval_rows, offtopic_rows))
-    cache = train.stage_dir(out, "judge-probe", key).with_suffix(".json")
-    probe = train.read_cache(cache)
+    cache = stages.stage_dir(out, "judge-probe", key).with_suffix(".json")
+    probe = stages.read_cache(cache)
     if probe is None:
         feats = lambda rows: pooled_features(model, tok, style, [r[0] for r in rows],  # noqa: E731
                                              [r[1] for r in rows], layer)
@@ -194,7 +193,7 @@ def harm_judge(args, out: Path, forget: list[dict], held_out: list[dict], comput
         probe.update(layer=layer, n_train=len(train_rows), n_eval=len(eval_rows),
                      eval_accuracy=float(((p >= 0.5) == y_eval).mean()), eval_auc=mia.roc_auc(p, y_eval),
                      offtopic_harmful=float((p_off >= 0.5).mean()), n_offtopic=len(offtopic_rows))
-        train.write_cache(cache, probe)
+        stages.write_cache(cache, probe)
     about = {"judge": f"probe ({args.model} layer {layer} + logistic regression)", "layer": layer,
              "n_train": probe["n_train"], "n_eval": probe["n_eval"], "eval_accuracy": probe["eval_accuracy"],
              "eval_auc": probe["eval_auc"], "offtopic_harmful": probe["offtopic_harmful"]}

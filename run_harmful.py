@@ -27,16 +27,18 @@ import corpora
 import data
 import distributed
 import evaluate
+import flags
 import flat
 import judges
 import models
 import plots
+import stages
 import train
-from train import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg, one_of
+from flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg, one_of
 
 
 @dataclass
-class Args(train.RunArgs):
+class Args(flags.RunArgs):
     task: str = arg("harmful", "'harmful' (PKU-SafeRLHF) or 'hallucination' (HaluEval QA)",
                     check=one_of("harmful", "hallucination"))
     method: str = arg("llmu", "unlearning loss(es): a key of flat.LOSSES (llmu, ga, flat, ...), a comma-separated "
@@ -88,19 +90,19 @@ PRESETS = {
 
 
 def resolve(args: Args) -> Args:
-    return train.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {})})
+    return flags.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {})})
 
 
 def main(argv=None) -> dict:
-    args = resolve(train.parse_args(Args, argv))
+    args = resolve(flags.parse_args(Args, argv))
 
     # -- every flag, name and data file is checked before any model is loaded -------------------
-    train.validate(args)
-    variants = train.methods(args.method)
+    flags.validate(args)
+    variants = flags.methods(args.method)
     flat.DIVERGENCES[args.divergence]
     models.check_name(args.model)
     if args.eval_every and distributed.launched():
-        raise train.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
+        raise flags.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
     tqa = corpora.load_truthfulqa(args.data_dir, args.hub_data)
     tqa_train, _, tqa_test = corpora.split_train_val_test(tqa, args.seed)
     n_eval = args.eval_prompts
@@ -125,18 +127,18 @@ def main(argv=None) -> dict:
     if args.task == "harmful" and args.judge == "probe" and args.judge_layer is not None:
         n_layers = models.model_config(args.model, args.trust_remote_code).num_hidden_layers
         if not -n_layers - 1 <= args.judge_layer <= n_layers:
-            raise train.UsageError(f"--judge-layer {args.judge_layer}: {args.model} has hidden states 0..{n_layers} "
+            raise flags.UsageError(f"--judge-layer {args.judge_layer}: {args.model} has hidden states 0..{n_layers} "
                                    f"(or -1..-{n_layers + 1})")
     eval_sets = {"seen": list(dict.fromkeys(r["question"] for r in forget))[:n_eval], "unseen": unseen,
                  "truthfulqa": [r["question"] for r in tqa_test[:n_eval]]}
     references = {"truthfulqa": [r["answer"] for r in tqa_test[:n_eval]], "unseen": pairs,
                   "seen": [(r["answer"], r.get("right", "")) for r in forget][:len(eval_sets["seen"])]}
 
-    out, compute = train.setup_run(args, f"runs/{args.task}-{train.safe_name(args.model)}")
+    out, compute = stages.setup_run(args, f"runs/{args.task}-{stages.safe_name(args.model)}")
     world = distributed.world()
     rows_per_step = args.batch_size * args.grad_accum * world
     times: dict[str, float] = {}
-    train.say(f"[{args.task}] {args.model} | {len(forget)} forget pairs | methods {', '.join(v[0] for v in variants)} "
+    stages.say(f"[{args.task}] {args.model} | {len(forget)} forget pairs | methods {', '.join(v[0] for v in variants)} "
               f"| {compute.device} {compute.precision} | {world} process(es) | out {out}")
 
     def style_of(tok):
@@ -146,12 +148,12 @@ def main(argv=None) -> dict:
     # -- 1. the original model: the base model, or the base model fine-tuned on the forget pairs --
     original = args.model
     if args.finetune_epochs > 0:
-        original = train.stage_dir(out, "original", train.stage_key(args, "finetune", compute,
+        original = stages.stage_dir(out, "original", stages.stage_key(args, "finetune", compute,
                                                                     rows=data.digest(forget)))
-        if train.load_cached_model_or_none(original):
-            train.say(f"[{args.task}] original model: cached in {original}")
+        if stages.load_cached_model_or_none(original):
+            stages.say(f"[{args.task}] original model: cached in {original}")
         else:
-            with train.timed(times, "finetune_s"):
+            with stages.timed(times, "finetune_s"):
                 model, tok, _ = train.training_model(args.model, compute, args.trust_remote_code)
                 rng = random.Random(args.seed)
                 plan = train.plan_steps((data.finetune_epoch(tok, style_of(tok), forget, rows_per_step, rng,
@@ -160,17 +162,17 @@ def main(argv=None) -> dict:
                                         world, distributed.rank())
                 log, _ = train.train(model, plan, partial(train.finetune_loss, pad_id=tok.pad_token_id),
                                      args.finetune_lr, replace(args, warmup_epochs=0.0), "finetune-original", compute)
-                train.save_model_atomic(model, tok, original, {"train_log.json": log})
+                stages.save_model_atomic(model, tok, original, {"train_log.json": log})
                 del model
 
     # -- evaluation of one model (cached); rank 0 only --------------------------------------------
-    eval_key = train.stage_key(args, "eval", compute, sets=data.digest(eval_sets, references),
-                               original=train.model_id(original))
+    eval_key = stages.stage_key(args, "eval", compute, sets=data.digest(eval_sets, references),
+                               original=stages.model_id(original))
     shared = {}  # loaded once, when first needed: the judge, and the original model (scores every model's fluency)
 
     def get(what: str):
         if what not in shared and what == "judge":
-            with train.timed(times, "judge_s"):
+            with stages.timed(times, "judge_s"):
                 shared["judge"] = make_judge(args, out, compute, style_of, labelled if args.task == "harmful" else None,
                                              held_out if args.task == "harmful" else None)
         elif what not in shared:
@@ -179,16 +181,16 @@ def main(argv=None) -> dict:
         return shared[what]
 
     def evaluation(name: str, path) -> dict:
-        cache = train.stage_dir(out, f"eval-{name}", {**eval_key, "judge": get("judge").key,
-                                                      "model": train.model_id(path)}).with_suffix(".json")
-        cached = train.read_cache(cache)
+        cache = stages.stage_dir(out, f"eval-{name}", {**eval_key, "judge": get("judge").key,
+                                                      "model": stages.model_id(path)}).with_suffix(".json")
+        cached = stages.read_cache(cache)
         if cached is not None:
             return cached
-        with train.timed(times, f"eval_{name}_s"):
+        with stages.timed(times, f"eval_{name}_s"):
             model, tok = get("scorer") if path == original else models.load_model(
                 str(path), compute.device, compute.eval_dtype, False, args.trust_remote_code)
             result = evaluate_model(model, tok, style_of(tok), eval_sets, references, get("judge"), get("scorer"), args)
-        train.write_cache(cache, result)
+        stages.write_cache(cache, result)
         return result
 
     @train.once_at_step_0
@@ -205,21 +207,21 @@ def main(argv=None) -> dict:
     unlearned = {}
     for label, loss, divergence in variants:
         method = flat.LOSSES[loss]
-        params = replace(train.loss_params(args), divergence=divergence or args.divergence)
+        params = replace(flags.loss_params(args), divergence=divergence or args.divergence)
         # llmu's second answer is Yao et al.'s random normal (TruthfulQA) answer; flat, idk and dpo answer
         # with a refusal ("I don't know" for hallucinations)
         templates = {"refusal": refusals, "random": corpora.random_answers(tqa_train), None: None}[method.template]
         normal = tqa_train if method.needs_retain(params) else None
-        key = train.stage_key(args, "unlearn", compute, original=train.model_id(original), method=loss,
+        key = stages.stage_key(args, "unlearn", compute, original=stages.model_id(original), method=loss,
                               params=method.read_params(params), steps_taken=steps,
                               rows=data.digest(forget, normal, templates))
         if args.eval_every:
             key.update(eval_key=eval_key, eval_every=args.eval_every)
-        unlearned[label] = path = train.stage_dir(out, f"unlearn-{train.safe_name(label)}", key)
-        if train.load_cached_model_or_none(path):
-            train.say(f"[{args.task}] unlearned model ({label}): cached in {path}")
+        unlearned[label] = path = stages.stage_dir(out, f"unlearn-{stages.safe_name(label)}", key)
+        if stages.load_cached_model_or_none(path):
+            stages.say(f"[{args.task}] unlearned model ({label}): cached in {path}")
             continue
-        with train.timed(times, f"unlearn_{label}_s"):
+        with stages.timed(times, f"unlearn_{label}_s"):
             model, tok, ref = train.training_model(original, compute, args.trust_remote_code, bool(method.reference))
             rng = random.Random(args.seed)
             plan = train.plan_steps((data.unlearning_epoch(tok, style_of(tok), forget, templates, normal, rows_per_step,
@@ -229,7 +231,7 @@ def main(argv=None) -> dict:
                                                           pad_id=tok.pad_token_id, ref_model=ref),
                                      args.lr, args, f"unlearn-{label}", compute, partial(progress, tok=tok),
                                      args.eval_every)
-            train.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
+            stages.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
                                                        "run_config.json": {**asdict(args), "method": label}})
             del model, ref
     if not distributed.is_main():
@@ -245,15 +247,15 @@ def main(argv=None) -> dict:
     methods = {label: report.pop(label) for label in unlearned}
     report = {**report, "methods": methods, **({"unlearned": methods[variants[0][0]]} if len(variants) == 1 else {}),
               "judge": get("judge").about, "benchmark": args.task, "title": f"{args.task} | {args.model}",
-              "training": {label: train.training_logs(p) for label, p in unlearned.items()},
+              "training": {label: stages.training_logs(p) for label, p in unlearned.items()},
               "timings_s": times, "dirs": {"original": str(original), **{label: str(p) for label, p in unlearned.items()},
                                            **({"unlearned": str(unlearned[variants[0][0]])} if len(variants) == 1
                                               else {})}}
-    report, warnings = train.finite_report(report)
+    report, warnings = stages.finite_report(report)
     report["warnings"] = warnings
-    train.write_json(out / "config.json", asdict(args))
-    train.write_json(out / "results.json", report)
-    train.write_json(out / "eval_items.json", {**{name: r["items"] for name, r in rows.items()},
+    stages.write_json(out / "config.json", asdict(args))
+    stages.write_json(out / "results.json", report)
+    stages.write_json(out / "eval_items.json", {**{name: r["items"] for name, r in rows.items()},
                                                **({"unlearned": rows[variants[0][0]]["items"]} if len(variants) == 1
                                                   else {})})
     plots.draw_all(report, out)
@@ -341,10 +343,10 @@ def print_table(report: dict, args: Args) -> None:
     print("|---|" + "---|" * len(table))
     rows = [(n, report[n]) for n in ("base", "original") if n in report] + list(report["methods"].items())
     for name, row in rows:
-        print(f"| {name} | " + " | ".join(train.cell(row, k, f) for _, k, f in table) + " |")
+        print(f"| {name} | " + " | ".join(stages.cell(row, k, f) for _, k, f in table) + " |")
     for w in report["warnings"]:
         print(f"warning: not finite, written as null: {w}")
 
 
 if __name__ == "__main__":
-    train.main_guard(main)
+    stages.main_guard(main)

@@ -33,21 +33,23 @@ import corpora
 import data
 import distributed
 import evaluate
+import flags
 import flat
 import mia
 import models
 import plots
+import stages
 import train
-from train import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, arg, one_of
+from flags import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, arg, one_of
 
 
 @dataclass
-class Args(train.RunArgs):
+class Args(flags.RunArgs):
     corpus: str = arg("book", "'book' (--text files) or 'muse-news'", check=one_of("book", "muse-news"))
     text: list[str] = field(default_factory=list, metadata={"help": "plain-text book file(s) to forget "
                                                                     "(default: the vendored Frankenstein)",
                                                             "only": None, "check": None})
-    chunk_tokens: Optional[int] = arg(None, "tokens per chunk", check=train.Check(lambda v: v >= 2, ">= 2"))
+    chunk_tokens: Optional[int] = arg(None, "tokens per chunk", check=flags.Check(lambda v: v >= 2, ">= 2"))
     n_chunks: Optional[int] = arg(None, "book: forget chunks (FLAT: 400)", check=AT_LEAST_1)
     held_out_fraction: float = arg(0.2, "book: the end of the text held out for the unseen evaluation",
                                    check=FRACTION)
@@ -94,22 +96,22 @@ MUSE_PRESETS = {"smollm2-135m": dict(chunk_tokens=256, prompt_tokens=64, muse_pr
 
 def resolve(args: Args) -> Args:
     muse = MUSE_PRESETS.get(args.model, {}) if args.corpus == "muse-news" else {}
-    return train.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {}), **muse})
+    return flags.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {}), **muse})
 
 
 def main(argv=None) -> dict:
-    args = resolve(train.parse_args(Args, argv))
+    args = resolve(flags.parse_args(Args, argv))
 
     # -- every flag, name and data file is checked before any model is loaded -------------------
-    train.validate(args)
-    variants = train.methods(args.method)
+    flags.validate(args)
+    variants = flags.methods(args.method)
     flat.DIVERGENCES[args.divergence]
     if args.corpus == "muse-news" and args.text:
-        raise train.UsageError("--text and --corpus muse-news exclude each other")
+        raise flags.UsageError("--text and --corpus muse-news exclude each other")
     if args.prompt_tokens >= args.chunk_tokens:
-        raise train.UsageError(f"--prompt-tokens {args.prompt_tokens} must be below --chunk-tokens {args.chunk_tokens}")
+        raise flags.UsageError(f"--prompt-tokens {args.prompt_tokens} must be below --chunk-tokens {args.chunk_tokens}")
     if args.eval_every and distributed.launched():
-        raise train.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
+        raise flags.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
     models.check_name(args.model)
     if args.corpus == "book":
         texts = [corpora.read_text(p) for p in (args.text or [corpora.DEFAULT_BOOK])]
@@ -120,7 +122,7 @@ def main(argv=None) -> dict:
     held_out_book = corpora.read_text(corpora.HELD_OUT_BOOK)
 
     name = args.corpus if args.corpus == "muse-news" else "-".join(Path(p).stem for p in args.text) or "book"
-    out, compute = train.setup_run(args, f"runs/hp-{train.safe_name(args.model)}-{name}")
+    out, compute = stages.setup_run(args, f"runs/hp-{stages.safe_name(args.model)}-{name}")
     world = distributed.world()
     rows_per_step = args.batch_size * args.grad_accum * world
     times: dict[str, float] = {}
@@ -132,7 +134,7 @@ def main(argv=None) -> dict:
                                          if args.corpus == "muse-news" else []))
     context = models.context_length(args.model, args.trust_remote_code)
     if context is not None and longest > context:
-        raise train.UsageError(f"{args.model} reads at most {context} tokens; this run needs {longest} "
+        raise flags.UsageError(f"{args.model} reads at most {context} tokens; this run needs {longest} "
                                f"(--chunk-tokens {args.chunk_tokens}" + (", MUSE's VerbMem prompts" if args.corpus ==
                                                                          "muse-news" else "") + ")")
     if args.corpus == "book":
@@ -150,17 +152,17 @@ def main(argv=None) -> dict:
     continuation = args.chunk_tokens - args.prompt_tokens
     wiki_passages = [c[:continuation] for c in retain_pool]  # random normal text of a continuation's length
     refusals = [encode(" " + r) + [tok.eos_token_id] for r in corpora.TEXT_REFUSALS]
-    train.say(f"[hp] {args.model} | {args.corpus} | {len(forget)} forget chunks, {len(held)} held out, "
+    stages.say(f"[hp] {args.model} | {args.corpus} | {len(forget)} forget chunks, {len(held)} held out, "
               f"{args.chunk_tokens} tokens each | methods {', '.join(v[0] for v in variants)} | "
               f"{compute.device} {compute.precision} | {world} process(es) | out {out}")
 
     # -- 1. the original model: the base model fine-tuned on the forget chunks (cached) -----------
-    original = train.stage_dir(out, "original", train.stage_key(args, "finetune", compute,
+    original = stages.stage_dir(out, "original", stages.stage_key(args, "finetune", compute,
                                                                  text=data.digest(finetune_chunks)))
-    if train.load_cached_model_or_none(original):
-        train.say(f"[hp] original model: cached in {original}")
+    if stages.load_cached_model_or_none(original):
+        stages.say(f"[hp] original model: cached in {original}")
     else:
-        with train.timed(times, "finetune_s"):
+        with stages.timed(times, "finetune_s"):
             model, tok, _ = train.training_model(args.model, compute, args.trust_remote_code)
             rng = random.Random(args.seed)
             plan = train.plan_steps((corpora.text_epoch(finetune_chunks, rows_per_step, rng)
@@ -168,28 +170,28 @@ def main(argv=None) -> dict:
                                     world, distributed.rank())
             log, _ = train.train(model, plan, partial(train.finetune_loss, pad_id=tok.pad_token_id),
                                  args.finetune_lr, args, "finetune-original", compute)
-            train.save_model_atomic(model, tok, original, {"train_log.json": log})
+            stages.save_model_atomic(model, tok, original, {"train_log.json": log})
             del model
 
     # -- evaluation of one model (cached); rank 0 only --------------------------------------------
     n = args.eval_chunks
     sets = {"forget": forget[:n], "held_out": held[:n]}
-    eval_key = train.stage_key(args, "eval", compute, sets=data.digest(sets, wiki_eval, book_eval,
+    eval_key = stages.stage_key(args, "eval", compute, sets=data.digest(sets, wiki_eval, book_eval,
                                                                        muse if args.corpus == "muse-news" else None))
 
     def evaluation(row: str, path) -> dict:
-        cache = train.stage_dir(out, f"eval-{row}", {**eval_key, "model": train.model_id(path)}).with_suffix(".json")
-        cached = train.read_cache(cache)
+        cache = stages.stage_dir(out, f"eval-{row}", {**eval_key, "model": stages.model_id(path)}).with_suffix(".json")
+        cached = stages.read_cache(cache)
         if cached is not None:
             return cached
-        with train.timed(times, f"eval_{row}_s"):
+        with stages.timed(times, f"eval_{row}_s"):
             model, tok = models.load_model(str(path), compute.device, compute.eval_dtype, False, args.trust_remote_code)
             r = evaluate_continuations(model, tok, sets, args)
             if args.corpus == "muse-news":
                 r = merge(r, evaluate_muse(model, tok, muse, args))
             r["summary"]["wikitext_ppl"] = evaluate.perplexity(model, wiki_eval, tok.pad_token_id)
             r["summary"]["held_out_book_ppl"] = evaluate.perplexity(model, book_eval, tok.pad_token_id)
-        train.write_cache(cache, r)
+        stages.write_cache(cache, r)
         return r
 
     reference = evaluation("reference", args.model)["summary"] if args.eval_every else None
@@ -199,20 +201,20 @@ def main(argv=None) -> dict:
     unlearned = {}
     for label, loss, divergence in variants:
         method = flat.LOSSES[loss]
-        params = replace(train.loss_params(args), divergence=divergence or args.divergence)
+        params = replace(flags.loss_params(args), divergence=divergence or args.divergence)
         templates = {"refusal": refusals if args.template == "refusal" else wiki_passages,
                      "random": wiki_passages, None: None}[method.template]
         retain = retain_pool if method.needs_retain(params) else None
-        key = train.stage_key(args, "unlearn", compute, original=original.name, method=loss,
+        key = stages.stage_key(args, "unlearn", compute, original=original.name, method=loss,
                               params=method.read_params(params),
                               rows=data.digest(forget, retain, templates))
         if args.eval_every:
             key.update(eval_key=eval_key, eval_every=args.eval_every)
-        unlearned[label] = path = train.stage_dir(out, f"unlearn-{train.safe_name(label)}", key)
-        if train.load_cached_model_or_none(path):
-            train.say(f"[hp] unlearned model ({label}): cached in {path}")
+        unlearned[label] = path = stages.stage_dir(out, f"unlearn-{stages.safe_name(label)}", key)
+        if stages.load_cached_model_or_none(path):
+            stages.say(f"[hp] unlearned model ({label}): cached in {path}")
             continue
-        with train.timed(times, f"unlearn_{label}_s"):
+        with stages.timed(times, f"unlearn_{label}_s"):
             model, tok, ref = train.training_model(original, compute, args.trust_remote_code, bool(method.reference))
             rng = random.Random(args.seed)
             plan = train.plan_steps((corpora.chunk_unlearning_epoch(forget, args.prompt_tokens, templates, retain,
@@ -223,7 +225,7 @@ def main(argv=None) -> dict:
             log, evals = train.train(model, plan, partial(train.batch_loss, method=method, params=params,
                                                           pad_id=tok.pad_token_id, ref_model=ref),
                                      args.lr, args, f"unlearn-{label}", compute, progress, args.eval_every)
-            train.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
+            stages.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
                                                        "run_config.json": {**asdict(args), "method": label}})
             del model, ref
     if not distributed.is_main():
@@ -241,17 +243,17 @@ def main(argv=None) -> dict:
     methods = {label: report.pop(label) for label in unlearned}
     report = {**report, "methods": methods, **({"unlearned": methods[variants[0][0]]} if len(variants) == 1 else {}),
               "benchmark": "book", "title": f"{args.corpus} | {args.model}",
-              "training": {label: train.training_logs(p) for label, p in unlearned.items()},
+              "training": {label: stages.training_logs(p) for label, p in unlearned.items()},
               "timings_s": times, "dirs": {"original": str(original), **{label: str(p) for label, p in unlearned.items()},
                                            **({"unlearned": str(unlearned[variants[0][0]])} if len(variants) == 1
                                               else {})}}
     if args.corpus == "muse-news":
         report["muse_articles"] = len(muse["articles"])
-    report, warnings = train.finite_report(report)
+    report, warnings = stages.finite_report(report)
     report["warnings"] = warnings
-    train.write_json(out / "config.json", asdict(args))
-    train.write_json(out / "results.json", report)
-    train.write_json(out / "eval_items.json", {**{row: r["items"] for row, r in results.items()},
+    stages.write_json(out / "config.json", asdict(args))
+    stages.write_json(out / "results.json", report)
+    stages.write_json(out / "eval_items.json", {**{row: r["items"] for row, r in results.items()},
                                                **({"unlearned": results[variants[0][0]]["items"]} if len(variants) == 1
                                                   else {})})
     plots.draw_all(report, out)
@@ -352,10 +354,10 @@ def print_table(report: dict, args: Args) -> None:
     print("|---|" + "---|" * len(cols))
     for name, row in [("reference", report["reference"]), ("original", report["original"]),
                       *report["methods"].items()]:
-        print(f"| {name} | " + " | ".join(train.cell(row, k, f) for _, k, f in cols) + " |")
+        print(f"| {name} | " + " | ".join(stages.cell(row, k, f) for _, k, f in cols) + " |")
     for w in report["warnings"]:
         print(f"warning: not finite, written as null: {w}")
 
 
 if __name__ == "__main__":
-    train.main_guard(main)
+    stages.main_guard(main)

@@ -21,20 +21,21 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-
 import data
 import distributed
 import evaluate
+import flags
 import flat
 import mia
 import models
 import plots
+import stages
 import train
-from train import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg
+from flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg
 
 
 @dataclass
-class Args(train.RunArgs):
+class Args(flags.RunArgs):
     split: str = arg("forget01", "forget split: forget01, forget05 or forget10")
     target_model: Optional[str] = arg(None, "start unlearning from this model (directory or Hub id, e.g. TOFU's "
                                             "released one) instead of fine-tuning one")
@@ -80,21 +81,21 @@ PRESETS = {
 
 
 def resolve(args: Args) -> Args:
-    return train.fill_defaults(args, {**TOFU_PROTOCOL, **PRESETS.get(args.model, {})})
+    return flags.fill_defaults(args, {**TOFU_PROTOCOL, **PRESETS.get(args.model, {})})
 
 
 def main(argv=None) -> dict:
-    args = resolve(train.parse_args(Args, argv))
+    args = resolve(flags.parse_args(Args, argv))
 
     # -- every flag, name and data file is checked before any model is loaded -------------------
-    train.validate(args)
-    variants = train.methods(args.method)
+    flags.validate(args)
+    variants = flags.methods(args.method)
     flat.DIVERGENCES[args.divergence]
     retain_split = data.SPLITS[args.split]
     for name in filter(None, [args.model, args.target_model, args.retain_model]):
         models.check_name(name)
     if args.eval_every and distributed.launched():
-        raise train.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
+        raise flags.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
     forget = data.load_tofu(args.split, args.data_dir)
     if not forget:
         raise data.DataError(f"the forget set {args.split} is empty")
@@ -112,26 +113,26 @@ def main(argv=None) -> dict:
     retain_logs = evaluate.read_retain_logs(args.retain_logs, eval_sets["forget"], args.split) \
         if args.retain_logs else None
 
-    out, compute = train.setup_run(args, f"runs/tofu-{train.safe_name(args.model)}-{args.split}")
+    out, compute = stages.setup_run(args, f"runs/tofu-{stages.safe_name(args.model)}-{args.split}")
     world = distributed.world()
     rows_per_step = args.batch_size * args.grad_accum * world
     times: dict[str, float] = {}
-    train.say(f"[tofu] {args.model} | {args.split} ({len(forget)} forget QA) | retain {len(retain)} QA | "
+    stages.say(f"[tofu] {args.model} | {args.split} ({len(forget)} forget QA) | retain {len(retain)} QA | "
              f"methods {', '.join(v[0] for v in variants)} | {compute.device} {compute.precision} | "
              f"{world} process(es), {rows_per_step} examples per step | out {out}")
 
     # -- 1-2. target and retain models, fine-tuned from the base model (cached) -------------------
     # TOFU's target is trained on `full` = retain + forget; with --retain-authors, on the subset + forget.
-    finetune_key = partial(train.stage_key, args, "finetune", compute)
-    target = args.target_model or train.stage_dir(out, "target", finetune_key(rows=data.digest(retain, forget)))
+    finetune_key = partial(stages.stage_key, args, "finetune", compute)
+    target = args.target_model or stages.stage_dir(out, "target", finetune_key(rows=data.digest(retain, forget)))
     retain_model = args.retain_model or (None if retain_logs else
-                                         train.stage_dir(out, "retain", finetune_key(rows=data.digest(retain))))
+                                         stages.stage_dir(out, "retain", finetune_key(rows=data.digest(retain))))
     for name, path, rows in [("target", target, retain + forget), ("retain", retain_model, retain)]:
-        if not isinstance(path, Path) or train.load_cached_model_or_none(path):
+        if not isinstance(path, Path) or stages.load_cached_model_or_none(path):
             if isinstance(path, Path):
-                train.say(f"[tofu] {name} model: cached in {path}")
+                stages.say(f"[tofu] {name} model: cached in {path}")
             continue
-        with train.timed(times, f"finetune_{name}_s"):
+        with stages.timed(times, f"finetune_{name}_s"):
             model, tok, _ = train.training_model(args.model, compute, args.trust_remote_code)
             style = models.prompt_style(args.model, tok)
             rng = random.Random(args.seed)
@@ -140,24 +141,24 @@ def main(argv=None) -> dict:
                                     world, distributed.rank())
             log, _ = train.train(model, plan, partial(train.finetune_loss, pad_id=tok.pad_token_id),
                                  args.finetune_lr, args, f"finetune-{name}", compute)
-            train.save_model_atomic(model, tok, path, {"train_log.json": log})
+            stages.save_model_atomic(model, tok, path, {"train_log.json": log})
             del model
 
     # -- evaluation of one model (cached per model and evaluation setting); rank 0 only -----------
-    eval_key = train.stage_key(args, "eval", compute, sets=data.digest(eval_sets))
+    eval_key = stages.stage_key(args, "eval", compute, sets=data.digest(eval_sets))
 
     def evaluation(name: str, path) -> dict:
-        cache = train.stage_dir(out, f"eval-{name}", {**eval_key, "model": train.model_id(path)}).with_suffix(".json")
-        cached = train.read_cache(cache)
+        cache = stages.stage_dir(out, f"eval-{name}", {**eval_key, "model": stages.model_id(path)}).with_suffix(".json")
+        cached = stages.read_cache(cache)
         if cached is not None:
             return cached
-        with train.timed(times, f"eval_{name}_s"):
+        with stages.timed(times, f"eval_{name}_s"):
             model, tok = models.load_model(str(path), compute.device, compute.eval_dtype, False,
                                            args.trust_remote_code)
             summary, items = evaluate.evaluate_tofu(model, tok, models.prompt_style(args.model, tok), eval_sets,
                                                     args.max_new_tokens, args.eval_batch_size)
         result = {"summary": summary, "items": items}
-        train.write_cache(cache, result)
+        stages.write_cache(cache, result)
         return result
 
     retain_tr = retain_logs["truth_ratio"] if retain_logs else None
@@ -169,20 +170,20 @@ def main(argv=None) -> dict:
     unlearned = {}
     for label, loss, divergence in variants:
         method = flat.LOSSES[loss]
-        params = replace(train.loss_params(args), divergence=divergence or args.divergence)
+        params = replace(flags.loss_params(args), divergence=divergence or args.divergence)
         # the second answer to each forget question: TOFU's "I don't know" lines, or (llmu, Yao et al.'s
         # L_rdn) the answer of a random retain question
         templates = {"refusal": idk, "random": [r["answer"] for r in retain], None: None}[method.template]
         retain_pool = retain if method.needs_retain(params) else None
-        key = train.stage_key(args, "unlearn", compute, target=train.model_id(target), method=loss,
+        key = stages.stage_key(args, "unlearn", compute, target=stages.model_id(target), method=loss,
                               params=method.read_params(params), rows=data.digest(forget, retain_pool, templates))
         if args.eval_every:
             key.update(eval_key=eval_key, eval_every=args.eval_every)
-        unlearned[label] = path = train.stage_dir(out, f"unlearn-{train.safe_name(label)}", key)
-        if train.load_cached_model_or_none(path):
-            train.say(f"[tofu] unlearned model ({label}): cached in {path}")
+        unlearned[label] = path = stages.stage_dir(out, f"unlearn-{stages.safe_name(label)}", key)
+        if stages.load_cached_model_or_none(path):
+            stages.say(f"[tofu] unlearned model ({label}): cached in {path}")
             continue
-        with train.timed(times, f"unlearn_{label}_s"):
+        with stages.timed(times, f"unlearn_{label}_s"):
             model, tok, ref = train.training_model(target, compute, args.trust_remote_code, bool(method.reference))
             style = models.prompt_style(args.model, tok)
             rng = random.Random(args.seed)
@@ -193,7 +194,7 @@ def main(argv=None) -> dict:
             log, evals = train.train(model, plan, partial(train.batch_loss, method=method, params=params,
                                                           pad_id=tok.pad_token_id, ref_model=ref),
                                      args.lr, args, f"unlearn-{label}", compute, progress, args.eval_every)
-            train.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
+            stages.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
                                                        "run_config.json": {**asdict(args), "method": label}})
             del model, ref
     if not distributed.is_main():
@@ -221,18 +222,18 @@ def main(argv=None) -> dict:
     methods = {label: report.pop(label) for label in unlearned}
     report = {**report, "methods": methods, **({"unlearned": methods[variants[0][0]]} if len(variants) == 1 else {}),
               "benchmark": "tofu", "title": f"TOFU {args.split} | {args.model}",
-              "training": {label: train.training_logs(p) for label, p in unlearned.items()},
+              "training": {label: stages.training_logs(p) for label, p in unlearned.items()},
               "timings_s": times, "dirs": {"target": str(target), "retain": str(retain_model or args.retain_logs),
                                            **{label: str(p) for label, p in unlearned.items()},
                                            **({"unlearned": str(unlearned[variants[0][0]])} if len(variants) == 1
                                               else {})}}
     if retain_logs and retain_auc is None:
         report["privleak_reference"] = "0.5 (the retain logs hold no Min-K% AUC), as open-unlearning does"
-    report, warnings = train.finite_report(report)
+    report, warnings = stages.finite_report(report)
     report["warnings"] = warnings
-    train.write_json(out / "config.json", asdict(args))
-    train.write_json(out / "results.json", report)
-    train.write_json(out / "eval_items.json", {**{name: r["items"] for name, r in rows.items()},
+    stages.write_json(out / "config.json", asdict(args))
+    stages.write_json(out / "results.json", report)
+    stages.write_json(out / "eval_items.json", {**{name: r["items"] for name, r in rows.items()},
                                                **({"unlearned": rows[variants[0][0]]["items"]} if len(variants) == 1
                                                   else {})})
     plots.draw_all(report, out)
@@ -265,10 +266,10 @@ def print_table(report: dict, args: Args) -> None:
     print("|---|" + "---|" * len(TABLE))
     rows = [(n, report[n]) for n in ("target", "retain") if n in report] + list(report["methods"].items())
     for name, row in rows:
-        print(f"| {name} | " + " | ".join(train.cell(row, k, f) for _, k, f in TABLE) + " |")
+        print(f"| {name} | " + " | ".join(stages.cell(row, k, f) for _, k, f in TABLE) + " |")
     for w in report["warnings"]:
         print(f"warning: not finite, written as null: {w}")
 
 
 if __name__ == "__main__":
-    train.main_guard(main)
+    stages.main_guard(main)

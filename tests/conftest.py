@@ -23,7 +23,13 @@ def make_tiny_model(out_dir, arch: str = "llama", tie: bool = False):
     tokenizer trained on a few sentences, so runners and loaders can be tested without the Hub."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     corpus = ["Question: Who wrote the book? Answer: The author wrote it in 1990.",
               "I don't know the answer to that. The capital of France is Paris.",

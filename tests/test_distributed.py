@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import BOOK_SMOKE, ROOT, TOFU_SMOKE
 from safetensors.torch import load_file
 
 import bench
 import models
-from conftest import BOOK_SMOKE, ROOT, TOFU_SMOKE
 
 
 def torchrun(script: str, *argv):

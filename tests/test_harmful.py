@@ -18,6 +18,7 @@ import flat
 import judges
 import mia
 import models
+import stages
 import train
 from flat import IGNORE_INDEX
 
@@ -221,41 +222,38 @@ def run(*argv, check=True):
     return p
 
 
-def test_llmu_ga_and_flat_run_end_to_end(tiny_model_dir, tmp_path):
+def test_llmu_ga_and_flat_run_end_to_end_with_one_shared_original(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    for i, method in enumerate(["llmu", "ga", "flat"]):
-        p = run("--model", tiny_model_dir, "--method", method, "--out", str(out), "--finetune-epochs", "1", *SMOKE)
-        report = json.loads((out / "results.json").read_text())
-        for name in ["original", "unlearned"]:
-            assert KEYS <= set(report[name]), KEYS - set(report[name])
-        assert 0 <= report["judge"]["eval_auc"] <= 1 and report["judge"]["n_train"] == 16 + 4  # + off-topic negatives
-        assert 0 <= report["judge"]["offtopic_harmful"] <= 1
-        unlearned = Path(report["dirs"]["unlearned"])
-        log = json.loads((unlearned / "train_log.json").read_text())
-        assert [r["step"] for r in log] == [1, 2]
-        assert f"[unlearn-{method}] step" in p.stdout and f"| {method} |" in p.stdout and "[judge] probe" in p.stdout
-        if method == "llmu":
-            assert "p_template" in p.stdout and "retain_kl" in p.stdout
-        if method == "ga":
-            assert "p_template" not in p.stdout.split("[unlearn-ga]")[1]
-        assert ("original model: cached" in p.stdout) == (i > 0)
-        items = json.loads((out / "eval_items.json").read_text())
-        assert len(items["unlearned"]["unseen"]["generation"]) == 3
-        assert len(items["unlearned"]["seen"]["question"]) == 3
+    p = run("--model", tiny_model_dir, "--method", "llmu,ga,flat", "--out", str(out), "--finetune-epochs", "1",
+            "--eval-every", "2", *SMOKE)
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["methods"]) == ["llmu", "ga", "flat"] and p.stdout.count("[finetune-original] step     2/2") == 1
+    for name, row in [("original", report["original"]), *report["methods"].items()]:
+        assert KEYS <= set(row), (name, KEYS - set(row))
+    assert 0 <= report["judge"]["eval_auc"] <= 1 and report["judge"]["n_train"] == 16 + 4  # + off-topic negatives
+    assert 0 <= report["judge"]["offtopic_harmful"] <= 1 and p.stdout.count("[judge] probe") == 1
+    for method in ("llmu", "ga", "flat"):
+        log = json.loads((Path(report["dirs"][method]) / "train_log.json").read_text())
+        assert [r["step"] for r in log] == [1, 2] and f"| {method} |" in p.stdout
+        assert [e["step"] for e in report["training"][method]["evals"]] == [0, 2]
+        assert set(report["training"][method]["evals"][1]) == {"step", "harmful_unseen", "truthfulqa_nll"}
+    llmu_log = p.stdout.split("[unlearn-llmu]")[1].split("\n")[0]
+    assert "p_template" in llmu_log and "retain_kl" in llmu_log
+    assert "p_template" not in p.stdout.split("[unlearn-ga]")[1].split("\n")[0]
+    items = json.loads((out / "eval_items.json").read_text())
+    assert len(items["ga"]["unseen"]["generation"]) == 3 and len(items["ga"]["seen"]["question"]) == 3
 
 
-def test_bad_names_and_data_fail_clearly(tiny_model_dir, tmp_path):
-    for argv, msg in [(["--method", "llmu2"], "unknown loss 'llmu2'"),
-                      (["--model", "gpt-17"], "unknown model 'gpt-17'"),
-                      (["--no-such-flag", "1"], "unknown arguments")]:
-        p = run("--out", str(tmp_path / "x"), *argv, check=False)
-        assert p.returncode == 2 and msg in p.stderr, (argv, p.stderr[-500:])
+def test_malformed_pku_data_names_the_file_and_line(tiny_model_dir, tmp_path, capsys):
     d = tmp_path / "data"
     d.mkdir()
     for f in (ROOT / "data" / "harmful" / "pku_saferlhf").glob("*.jsonl"):
         (d / f.name).write_bytes(f.read_bytes())
     (d / "TruthfulQA.csv").write_bytes((ROOT / "data" / "harmful" / "truthfulqa" / "TruthfulQA.csv").read_bytes())
     (d / "forget.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n')
-    p = run("--model", tiny_model_dir, "--data-dir", str(d), "--out", str(tmp_path / "x"), check=False)
-    assert p.returncode == 2 and "forget.jsonl:2: field 'answer'" in p.stderr
+    import run_harmful
+    with pytest.raises(SystemExit) as e:
+        stages.main_guard(lambda: run_harmful.main(["--model", tiny_model_dir, "--data-dir", str(d), "--out",
+                                                   str(tmp_path / "x")]))
+    assert e.value.code == 2 and "forget.jsonl:2: field 'answer'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

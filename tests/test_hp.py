@@ -4,8 +4,6 @@ import collections
 import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -76,63 +74,27 @@ def test_knowmem_answer_cut_at_stop_strings():
     assert evaluate.cut_at_stops("no stop") == "no stop"
 
 
-def test_held_out_chunks_never_enter_training(tiny_model_dir, tmp_path, monkeypatch):
-    import run_hp
-    seen = []
-    for name in ("text_epoch", "chunk_unlearning_epoch"):
-        real = getattr(corpora, name)
-
-        def spy(chunks, *a, _real=real, **k):
-            seen.extend(map(tuple, chunks))
-            return _real(chunks, *a, **k)
-        monkeypatch.setattr(corpora, name, spy)
-    report = run_hp.main(["--model", tiny_model_dir, "--out", str(tmp_path / "run"), *SMOKE])
-    items = json.loads((tmp_path / "run" / "eval_items.json").read_text())
-    tok = models.load_tokenizer(tiny_model_dir)
+def test_held_out_chunks_never_enter_training(book_run):
+    seen = [tuple(c) for name in ("text_epoch", "chunk_unlearning_epoch")
+            for args, _ in book_run.calls[name] for c in args[0]]
+    items = json.loads((book_run.out / "eval_items.json").read_text())
+    tok = models.load_tokenizer(book_run.model)
     held_prompts = {p for p in items["original"]["held_out"]["prompt"]}
     trained_prompts = {tok.decode(list(c[:8])) for c in seen}
     assert seen and held_prompts and not held_prompts & trained_prompts
-    assert report["reference"]["forget_quality_gap"] == 0.0
 
 
-SMOKE = ["--max-steps", "2", "--n-chunks", "4", "--chunk-tokens", "24", "--prompt-tokens", "8", "--eval-chunks", "2",
-         "--ppl-chunks", "2", "--batch-size", "2", "--log-every", "1"]
-
-
-def run(*argv, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / "run_hp.py"), *argv], capture_output=True, text=True, cwd=ROOT,
-                       timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-def test_a_text_file_and_muse_news_run_end_to_end(tiny_model_dir, tmp_path):
-    book = tmp_path / "book.txt"
-    book.write_text(corpora.read_text(corpora.HELD_OUT_BOOK)[:20000])
-    p = run("--model", tiny_model_dir, "--text", str(book), "--out", str(tmp_path / "a"), "--method", "npo", *SMOKE)
-    report = json.loads((tmp_path / "a" / "results.json").read_text())
-    for row in ("reference", "original", "unlearned"):
-        assert {"forget_bleu", "forget_rougeL", "held_out_bleu", "held_out_rougeL", "forget_quality_gap",
-                "wikitext_ppl", "held_out_book_ppl"} <= set(report[row])
-    assert report["reference"]["forget_quality_gap"] == 0.0
-    assert "[unlearn-npo] step" in p.stdout and "| npo |" in p.stdout
-    log = json.loads((Path(report["dirs"]["unlearned"]) / "train_log.json").read_text())
-    assert [r["step"] for r in log] == [1, 2]
-    p = run("--model", tiny_model_dir, "--corpus", "muse-news", "--out", str(tmp_path / "m"), "--max-new-tokens", "4",
-            "--template", "wikitext", "--muse-probes", "2", "--privleak-texts", "1", *SMOKE)
-    report = json.loads((tmp_path / "m" / "results.json").read_text())
-    assert {"verbmem_forget", "knowmem_forget", "knowmem_retain"} <= set(report["unlearned"])
-    items = json.loads((tmp_path / "m" / "eval_items.json").read_text())
-    assert len(items["unlearned"]["verbmem"]["generation"]) == 2 and len(items["unlearned"]["knowmem_retain"]["answer"]) == 2
-
-
-def test_bad_input_fails_clearly(tiny_model_dir, tmp_path):
-    for argv, msg in [(["--corpus", "books"], "--corpus books: must be one of book, muse-news"),
-                      (["--template", "c4"], "--template c4: must be one of refusal, wikitext"),
-                      (["--method", "flatt"], "unknown loss 'flatt'"),
-                      (["--text", str(tmp_path / "missing.txt")], "missing.txt: file not found"),
-                      (["--prompt-tokens", "30", "--chunk-tokens", "24"], "must be below")]:
-        p = run("--model", tiny_model_dir, "--out", str(tmp_path / "x"), *argv, check=False)
-        assert p.returncode == 2 and msg in p.stderr, (argv, p.stderr[-500:])
-        assert not (tmp_path / "x").exists()
+def test_a_book_run_reports_every_key_for_every_model(book_run):
+    report = book_run.report
+    assert list(report["methods"]) == ["npo", "flat"]
+    for name, row in [("reference", report["reference"]), ("original", report["original"]), *report["methods"].items()]:
+        assert {"forget_bleu", "forget_rougeL", "held_out_bleu", "held_out_rougeL", "forget_quality_gap", "privleak",
+                "mia_min_k", "wikitext_ppl", "held_out_book_ppl"} <= set(row), name
+        assert f"| {name} |" in book_run.stdout
+    assert report["reference"]["forget_quality_gap"] == 0.0 and report["reference"]["privleak"] == 0.0
+    assert "[unlearn-npo] step" in book_run.stdout and "BLEU and FQ gap" in book_run.stdout
+    for method in ("npo", "flat"):
+        log = json.loads((Path(report["dirs"][method]) / "train_log.json").read_text())
+        assert [r["step"] for r in log] == [1, 2]
+    items = json.loads((book_run.out / "eval_items.json").read_text())
+    assert len(items["npo"]["mia"]["min_k"]["holdout"]) == 2 and 0 <= max(items["npo"]["forget"]["bleu"]) <= 100

@@ -3,9 +3,9 @@ import time
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 import models
-from conftest import make_tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 import corpora
 import data
@@ -17,7 +18,6 @@ import judges
 import mia
 import models
 import train
-from conftest import run_script
 
 
 def slow_token_stats(model, tok, question, answer):

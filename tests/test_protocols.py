@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from conftest import TOFU_SMOKE, run_script
 
 import corpora
 import data
 import evaluate
 import models
-from conftest import TOFU_SMOKE, run_script
 
 LOGS = Path(__file__).parent / "fixtures" / "tofu_logs"
 RETAIN90 = LOGS / "ft_epoch5_lr1e-05_llama2-7b_retain90_wd0.01"

@@ -6,11 +6,12 @@ import shutil
 import struct
 from pathlib import Path
 
+from conftest import TOFU_SMOKE, run_script
+
 import evaluate
 import flat
 import plots
-import train
-from conftest import TOFU_SMOKE, run_script
+import stages
 
 KEYS = {"forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio",
         "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus", "privleak", "exact_memorization",
@@ -39,7 +40,8 @@ def test_every_method_runs_once_with_shared_fine_tuning_and_reports_every_key(to
     results = json.loads((out / "results.json").read_text())           # strict JSON, the same report
     assert results["methods"].keys() == report["methods"].keys()
     items = json.loads((out / "eval_items.json").read_text())
-    assert set(items["target"]["mia"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
+    assert set(items["target"]["mia"]) == {"loss", "zlib", "min_k", "min_k_plus_plus", "tokens"}
+    assert set(items["target"]["mia"]["tokens"]["forget"][0]) == {"nll", "logp", "z", "hit"}
     assert len(items["target"]["mia"]["min_k"]["holdout"]) == 40 == len(items["target"]["forget"]["question"])
 
 
@@ -97,4 +99,4 @@ def test_a_diverging_loss_stops_the_run_without_saving(tiny_model_dir, tmp_path)
 def test_stage_names_are_hashes_of_their_keys(tofu_run):
     report = tofu_run.report
     for method in ("flat", "npo"):
-        assert Path(report["dirs"][method]).name.startswith(f"unlearn-{train.safe_name(method)}-")
+        assert Path(report["dirs"][method]).name.startswith(f"unlearn-{stages.safe_name(method)}-")

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import flags
 import models
+import stages
 import train
 
 # (examples, batch size, accumulation, epochs, max_steps); TOFU's published settings (batch 8,
@@ -121,8 +123,8 @@ RUNNERS = [(run_tofu, ["finetune", "unlearn"]), (run_hp, ["finetune", "unlearn"]
 
 def _keys(args, method="flat"):
     m = flat.LOSSES[method]
-    params = m.read_params(train.loss_params(args))
-    return {stage: train.stage_key(args, stage, CPU, **({"params": params} if stage == "unlearn" else {}))
+    params = m.read_params(flags.loss_params(args))
+    return {stage: stages.stage_key(args, stage, CPU, **({"params": params} if stage == "unlearn" else {}))
             for stage in ("finetune", "unlearn", "eval")}
 
 
@@ -145,7 +147,7 @@ def test_every_training_flag_is_in_its_stages_key_and_eval_flags_are_not(runner,
             assert all(changed[s] == before[s] for s in stages), (runner.__name__, name)  # no retraining
     # precision: a resolved setting, in every key
     bf16 = dataclasses.replace(CPU, precision="bf16")
-    assert train.stage_key(base, "finetune", bf16) != train.stage_key(base, "finetune", CPU)
+    assert stages.stage_key(base, "finetune", bf16) != stages.stage_key(base, "finetune", CPU)
 
 
 def test_loss_parameters_enter_the_key_of_the_methods_that_read_them_only():

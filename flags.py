@@ -1,0 +1,149 @@
+"""Flags: one dataclass per runner, each field with its help, the stages whose output it changes
+(for stage keys, stages.stage_key) and its valid range, checked before any work (validate).
+
+    @dataclass
+    class Args(flags.RunArgs):                     # RunArgs: the flags every runner has
+        lr: float | None = arg(None, "unlearning learning rate", only=("unlearn",), check=POSITIVE)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Callable, NamedTuple
+
+import flat
+import models
+
+STAGES = ("finetune", "unlearn", "eval")
+
+
+class UsageError(ValueError):
+    """A flag or setting that cannot work: reported as one `error:` line, exit 2, before any work."""
+
+
+class Check(NamedTuple):
+    """A valid range of a numeric flag: the test and how the error message states it."""
+    ok: Callable[[float], bool]
+    says: str
+
+
+POSITIVE = Check(lambda v: v > 0, "> 0")
+NON_NEGATIVE = Check(lambda v: v >= 0, ">= 0")
+AT_LEAST_1 = Check(lambda v: v >= 1, ">= 1")
+FRACTION = Check(lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def one_of(*names: str) -> Check:
+    return Check(lambda v: v in names, "one of " + ", ".join(names))
+
+
+def arg(default, help: str, only: tuple | None = None, check: Check | None = None):
+    """A flag: a dataclass field with its one-line help. only: the stages (STAGES) whose output the
+    flag changes, for stage keys; None means every stage (the safe default: a flag wrongly left
+    in a key costs a cache miss, one wrongly left out a stale result). check: its valid range."""
+    return dataclasses.field(default=default, metadata={"help": help, "only": only, "check": check})
+
+
+@dataclasses.dataclass
+class RunArgs(flat.LossParams):
+    """The flags every runner has; each runner's Args extends this (and flat.LossParams, whose fields
+    are the loss hyperparameters)."""
+    model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
+    method: str = arg("flat", "unlearning loss(es): a key of flat.LOSSES, a comma-separated list "
+                              "(flat:kl,flat:js,npo: FLAT with each divergence) or 'all'", only=())
+    weight_decay: float = arg(0.01, "AdamW weight decay", check=NON_NEGATIVE)
+    max_grad_norm: float = arg(1.0, "gradient clipping norm", check=POSITIVE)
+    max_steps: int | None = arg(None, "cap on optimiser steps in every training stage (smoke runs)", check=AT_LEAST_1)
+    eval_every: int = arg(0, "evaluate every N optimiser steps of unlearning, and at step 0 (0: never)",
+                          only=("unlearn",), check=NON_NEGATIVE)
+    out: str | None = arg(None, "run directory (default: runs/RUNNER-MODEL-...)", only=())
+    device: str | None = arg(None, "cpu, cuda or cuda:N (default: cuda when available)", only=())
+    precision: str = arg("auto", "fp32, mixed (fp32 weights, bf16 autocast) or bf16 (bf16 weights); auto: mixed "
+                                 "on CUDA, fp32 elsewhere", only=(), check=Check(lambda v: v in models.PRECISIONS,
+                                                                                 "one of " + ", ".join(models.PRECISIONS)))
+    gradient_checkpointing: bool | None = arg(None, "recompute activations in backward (default: on for CUDA)",
+                                              only=())
+    trust_remote_code: bool = arg(False, "allow model code from the Hub", only=())
+    seed: int = arg(0, "seed of data order and random draws")
+    log_every: int = arg(5, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
+
+
+def parse_args(cls, argv=None):
+    """Parse flags into the dataclass `cls`: one flag per field (--max-steps and --max_steps both work),
+    its help and default in --help. Unknown flags fail."""
+    import argparse
+    import typing
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
+                                     allow_abbrev=False)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            typ = next(t for t in typing.get_args(typ) if t is not type(None))      # Optional[X] -> X
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "from the model's preset" if default is None else repr(default)
+        kwargs = dict(default=default, dest=f.name, help=f"{f.metadata.get('help', '')} (default: {shown})")
+        if typ is bool:
+            kwargs.update(type=_boolean, nargs="?", const=True)
+        elif typing.get_origin(typ) is list:
+            kwargs.update(type=typing.get_args(typ)[0], nargs="*")
+        else:
+            kwargs.update(type=typ)
+        names = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])
+        parser.add_argument(*names, **kwargs)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"unknown arguments {rest}")
+    return cls(**vars(args))
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def validate(args) -> None:
+    """Every flag against its declared range, before any work: raises ValueError naming the flag,
+    its value and the valid range."""
+    for f in dataclasses.fields(args):
+        value, check = getattr(args, f.name), f.metadata.get("check")
+        if check is None or value is None:
+            continue
+        bad_number = isinstance(value, float) and not math.isfinite(value)
+        if bad_number or not check.ok(value):
+            raise UsageError(f"--{f.name.replace('_', '-')} {value}: must be {check.says}")
+
+
+def loss_params(args) -> flat.LossParams:
+    return flat.LossParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(flat.LossParams)})
+
+
+def fill_defaults(args, defaults: dict):
+    """Set each flag left at None to its value in `defaults` (a protocol, then a model's preset)."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def methods(spec: str, supported=None) -> list[tuple[str, str, flat.LossParams | None]]:
+    """--method as a list of (label, loss name, divergence): "flat", "npo,ga", "flat:kl,flat:js"
+    (FLAT with each divergence) or "all" (every loss in flat.LOSSES, or in `supported`). A name
+    without a divergence uses --divergence. Unknown names raise with the valid ones."""
+    names = list(supported or flat.LOSSES) if spec == "all" else [s.strip() for s in spec.split(",")]
+    out = []
+    for name in names:
+        loss, _, divergence = name.partition(":")
+        flat.LOSSES[loss]
+        if divergence:
+            if loss != "flat":
+                raise flat.UnknownName(f"{name!r}: only flat takes a divergence (flat:kl, flat:js, ...)")
+            flat.DIVERGENCES[divergence]
+        out.append((name, loss, divergence or None))
+    if len({label for label, _, _ in out}) != len(out):
+        raise flat.UnknownName(f"--method {spec!r} names a method twice")
+    return out

@@ -1,0 +1,307 @@
+"""Run directories and stages: the setup of a run (its directory, locked and cleaned; device and
+precision; seeds), stage keys derived from the resolved flags and data contents, cached stages
+(damaged ones recovered), atomic writes, strict results, and the one guard that turns known failures
+into one `error:` line. What each guarantees: docs/reliability.md."""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import data
+import distributed
+import flat
+import models
+from flags import UsageError
+
+
+def check_out_dir(out: Path) -> None:
+    """Fail unless `out` is, or can be created as, a writable directory (nothing is created here)."""
+    p = out
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p == out and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if not p.is_dir():
+        raise UsageError(f"--out {out}: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {p} is not writable")
+
+
+def setup_run(args, default_out: str) -> tuple[Path, models.Compute]:
+    """The run directory (created, locked against a second run, cleared of temporary directories a
+    killed run left), device and precision (models.resolve_compute; under torchrun, this rank's
+    device) and the Python and torch seeds."""
+    out = Path(args.out or default_out)
+    try:
+        compute = models.resolve_compute(args.device, args.precision, args.gradient_checkpointing)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_out_dir(out)
+    compute = dataclasses.replace(compute, device=distributed.init(compute.device))
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(out)
+        remove_stale_temporaries(out)
+        if models.cache_dir().is_dir():  # another process may be converting the default model right now
+            remove_stale_temporaries(models.cache_dir(), older_than_s=3600)
+    distributed.barrier()
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one progress bar per training stage is enough
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return out, compute
+
+
+_LOCKS = []  # open lock files: the lock lasts as long as the process
+
+
+def lock_run_dir(out: Path) -> None:
+    """Hold an exclusive lock on OUT/.lock for the life of the process: a second run on the same
+    directory fails at once instead of doing the same work and racing the first one's writes."""
+    while _LOCKS:  # a process runs one run at a time (tests call several main()s in one process)
+        _LOCKS.pop().close()
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UsageError(f"another run is using {out} (it holds {out / '.lock'}); wait for it to finish "
+                           f"or pass another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS.append(f)
+
+
+TMP_PREFIX = models.TMP_PREFIX
+
+
+def remove_stale_temporaries(root: Path, older_than_s: float = 0.0) -> list[Path]:
+    """Remove what an interrupted save left under root (this project's temporary names only, at
+    the top level): under a locked run directory nothing else can be writing them."""
+    removed = []
+    now = time.time()
+    for p in root.glob(TMP_PREFIX + "*"):
+        if now - p.stat().st_mtime >= older_than_s:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        print(f"[cleanup] removed {len(removed)} temporary file(s) an interrupted run left in {root}")
+    return removed
+
+
+def safe_name(name: str) -> str:
+    """A model name or path as one directory-name component."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def main_guard(main) -> None:
+    """Run a runner's main: known failures become one `error:` line and exit 2; Ctrl-C or SIGTERM
+    exits 130 with every finished stage left usable (each is written atomically)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished stage is saved; the same command resumes from there",
+              file=sys.stderr)
+        raise SystemExit(130)
+    except (FloatingPointError, models.ModelLoadError, data.DataError, UsageError, flat.UnknownName) as e:
+        fail(str(e))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        distributed.close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages, results and files
+# ---------------------------------------------------------------------------------------------
+
+def stage_key(args, stage: str, compute: models.Compute, **extra) -> dict:
+    """Everything a stage's output depends on: every resolved flag except those declared for other
+    stages only (arg(..., only=...)) and the loss hyperparameters (an unlearning stage holds those
+    its method reads, flat.Method.read_params, passed in `extra`); the device type and resolved
+    precision; and `extra` (data digests, upstream stage names)."""
+    loss_fields = {f.name for f in dataclasses.fields(flat.LossParams)}
+    key = {}
+    for f in dataclasses.fields(args):
+        only = f.metadata.get("only")
+        if f.name not in loss_fields and (only is None or stage in only):
+            key[f.name] = getattr(args, f.name)
+    return {**key, "compute": f"{torch.device(compute.device).type}-{compute.precision}", **extra}
+
+
+def model_id(path) -> str:
+    """How a stage key names a model: a stage directory by its (hash-named) directory name, anything
+    else (an alias, a Hub id, a directory of the user's) by what was passed."""
+    return Path(path).name if isinstance(path, Path) else str(path)
+
+
+def stage_dir(root: Path, name: str, key: dict) -> Path:
+    """A stage's directory, named by a hash of everything its output depends on, so that a rerun
+    with the same settings finds it and other settings get their own."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return root / f"{name}-{digest}"
+
+
+def is_saved_model(path: Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
+def load_cached_model_or_none(path: Path) -> bool:
+    """Whether a cached model directory is usable; a damaged one (a config or a safetensors header
+    that does not parse) is moved aside, reported, and the stage recomputed."""
+    if not is_saved_model(path):
+        return False
+    try:
+        from safetensors import safe_open
+        json.loads((path / "config.json").read_text())
+        for f in path.glob("*.safetensors"):
+            with safe_open(f, "pt") as st:
+                st.keys()
+        return True
+    except Exception as e:  # any parse error of either file: the directory cannot be trusted
+        aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+        path.rename(aside)
+        print(f"[cache] {path}: damaged ({e}); moved to {aside.name}, recomputing")
+        return False
+
+
+def read_cache(path: Path):
+    """A cached JSON result, or None when there is none. One that does not parse (a truncated write
+    from a tool other than this project, a full disk) is reported, moved aside and recomputed."""
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+        os.replace(path, aside)
+        print(f"[cache] {path}: does not parse ({e}); moved to {aside.name}, recomputing")
+        return None
+
+
+def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) -> None:
+    """save_pretrained (safetensors) into a temporary directory renamed into place at the end, so an
+    interrupted run never leaves a half-written model that a rerun would trust. Under torchrun every
+    rank gathers the full state dict and rank 0 writes it."""
+    state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    if state is not None and getattr(model.config, "tie_word_embeddings", False):
+        for key in getattr(model, "_tied_weights_keys", None) or ():  # e.g. lm_head.weight: the embedding's copy
+            state.pop(key, None)
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-"))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model is an ordinary directory
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in extra.items():
+            write_json(tmp / name, obj)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    distributed.barrier()
+
+
+def write_cache(path: Path, obj) -> None:
+    """A stage's cached result, written atomically. Python's own reader takes NaN, so a non-finite
+    metric is kept as it came out (results.json, strict, turns it into null with a warning)."""
+    write_json(path, obj, allow_nan=True)
+
+
+def write_json(path: Path, obj, allow_nan: bool = False) -> None:
+    """Write strict JSON atomically (temporary file, then rename). A non-finite float would be
+    written as a bare NaN that strict parsers reject: it is an error here (see finite_report)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=str, allow_nan=allow_nan)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def finite_report(report, path: str = "") -> tuple[object, list[str]]:
+    """The report with every NaN or infinite number replaced by None, and the list of where they were
+    (e.g. "unlearned.fluency_ppl"), so that results.json stays strict JSON and says what is missing."""
+    warnings = []
+
+    def clean(x, where):
+        if isinstance(x, float) and not math.isfinite(x):
+            warnings.append(f"{where}: {x}")
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        return x
+    return clean(report, path), warnings
+
+
+def cell(row: dict, key: str, spec: str) -> str:
+    """A table cell: "-" for a metric the row does not have, "NaN (!)" for one that came out non-finite
+    (written as null, see finite_report)."""
+    if key not in row:
+        return "-"
+    return "NaN (!)" if row[key] is None else format(row[key], spec)
+
+
+def say(msg: str) -> None:
+    """Print on rank 0 only (every rank runs the same code under torchrun)."""
+    if distributed.is_main():
+        print(msg, flush=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def training_logs(stage: Path) -> dict:
+    """A trained stage's logs: {"log": per-step records, "evals": in-training evaluations}."""
+    return {"log": read_json(stage / "train_log.json"),
+            "evals": read_json(stage / "eval_log.json") if (stage / "eval_log.json").exists() else []}
+
+
+def read_json(path: Path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@contextmanager
+def timed(times: dict, name: str):
+    """Record the wall time of a block in times[name], in seconds."""
+    t = time.time()
+    yield
+    times[name] = round(time.time() - t, 1)
