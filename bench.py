@@ -387,7 +387,9 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
     sharded = distributed.world() > 1
     if sharded:  # outside the fake mode: the device mesh is made of real tensors
         for m in filter(None, (model, ref)):
-            distributed.shard(m)
+            distributed.shard(m, frozen=m is ref)
+    nbytes = lambda m: sum(distributed.local(p).numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    param_bytes, ref_bytes = nbytes(model), nbytes(ref) if ref is not None else 0  # resident: sharded
     if ref is not None:  # MemTracker hooks the gradient of every parameter it sees in a forward pass, which
         ref.requires_grad_(True)  # fails on frozen ones; the reference runs under no_grad: no gradient is made
     model.train()
@@ -407,8 +409,10 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
             opt.zero_grad(set_to_none=True)
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
     by = {str(k).split(".")[-1].lower(): v for k, v in peak.items()}
-    nbytes = lambda m: sum(distributed.local(p).numel() * p.element_size() for p in m.parameters())  # noqa: E731
-    out = {"total": peak["Total"], "reference": nbytes(ref) if ref is not None else 0, "params": nbytes(model),
+    # FSDPMemTracker follows one root module: the reference's sharded parameters, made before it starts
+    # and resident throughout, are not in its total (its gathered ones, while it runs, are)
+    total = peak["Total"] + (ref_bytes if sharded else 0)
+    out = {"total": total, "reference": ref_bytes, "params": param_bytes,
            "grads": sum(v for k, v in by.items() if "grad" in k), "optimizer": by.get("opt", by.get("optstate", 0))}
     out["activations"] = out["total"] - out["params"] - out["grads"] - out["optimizer"] - out["reference"]
     return out
@@ -497,8 +501,11 @@ def plan_memory_table(args, out: Path) -> None:
              f"over a fake process group of N processes), models built from their configs, no weights. Micro-batch: "
              f"{batch} forget rows (+ {batch} template rows for FLAT) of {length} tokens per process, half prompt "
              f"and half answer. The peak is the second of two steps (AdamW's moments exist). GiB per process. "
-             f"*activations* holds everything that is not a parameter, gradient, optimiser state or the reference: "
-             f"activations, temporaries, gathered parameters, communication buffers. *fits* = total <= "
+             f"The columns split the total at the moment of the peak: *grads* is 0 where the peak falls in the "
+             f"forward pass (set_to_none: no gradient exists yet), *optimizer* includes the step's temporaries where "
+             f"it falls in the optimiser step. *activations* holds everything that is not a parameter, gradient, "
+             f"optimiser state or the reference: activations, temporaries, gathered parameters, communication "
+             f"buffers. *fits* = total <= "
              f"{HEADROOM:.0%} of {GPU_GB} GB (the rest for the CUDA context, allocator fragmentation and workspaces).\n",
              f"**Planner against a measurement** (CPU, SmolLM2-135M architecture, FLAT, fp32, {check['batch']} x "
              f"{check['length']} tokens): planned {gib(est['total']):.2f} GiB, measured {gib(meas['measured']):.2f} GiB "

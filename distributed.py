@@ -77,16 +77,18 @@ def all_true(flag: bool, device: str) -> bool:
     return bool(all_reduce_sum(torch.tensor([0.0 if flag else 1.0], device=device)).item() == 0)
 
 
-def shard(model) -> None:
+def shard(model, frozen: bool = False) -> None:
     """fully_shard each decoder layer (the classes transformers lists in _no_split_modules), then
     the root. FSDP averages gradients over ranks; the loop scales each rank's loss by the number of
-    ranks (train.train), so that the result is the sum of every row's weighted gradient."""
+    ranks (train.train), so that the result is the sum of every row's weighted gradient. A frozen
+    model (the reference) reshards its root after every forward too: by default FSDP2 keeps the
+    root's parameters (embeddings, LM head) gathered until backward, which a frozen model never runs."""
     from torch.distributed.fsdp import fully_shard
     layers = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layers:
             fully_shard(module)
-    fully_shard(model)
+    fully_shard(model, reshard_after_forward=True if frozen else None)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,8 @@ def tradeoff(report: dict, path: Path) -> Path:
             ax.plot(*zip(*traj), "-", color=c, alpha=0.5, linewidth=1.2, marker=".", markersize=5)
         if row.get(ax_spec["x"]) is not None and row.get(ax_spec["y"]) is not None:
             ax.scatter(row[ax_spec["x"]], row[ax_spec["y"]], s=60, color=c, zorder=3, label=label)
+            ax.annotate(label, (row[ax_spec["x"]], row[ax_spec["y"]]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=7, color=c)
     if ax_spec["xlog"]:
         ax.set_xscale("log")
     ax.set_xlabel(ax_spec["xlabel"], fontsize=9)
@@ -81,7 +83,7 @@ def curves(report: dict, path: Path) -> Path:
     labels = list(report["methods"])
     cols = min(3, max(1, len(labels)))
     rows = -(-len(labels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), dpi=90, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.5, 4.2 * cols), 3.0 * rows + 0.6), dpi=90, squeeze=False)
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
     for ax, label in zip(axes.flat, labels):
@@ -101,8 +103,9 @@ def curves(report: dict, path: Path) -> Path:
         right.tick_params(labelsize=7)
         handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper right")
-    fig.suptitle(f"{report.get('title', report['benchmark'])}: unlearning curves "
-                 f"(p_forget / p_template / p_retain: forget, template and retain answers)", fontsize=10)
+    fig.suptitle(f"{report.get('title', report['benchmark'])}: unlearning curves\n"
+                 f"p_forget / p_template / p_retain: mean token probability of the forget, template and retain "
+                 f"answers", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)

@@ -232,10 +232,9 @@ def training_model(name, compute: models.Compute, trust_remote_code: bool = Fals
                                    compute.checkpointing, trust_remote_code)
     ref = models.frozen_copy(model) if reference else None
     if sharded:
-        for m in (model, ref):
-            if m is not None:
-                distributed.shard(m)
-                m.to(compute.device)
+        for m in filter(None, (model, ref)):
+            distributed.shard(m, frozen=m is ref)
+            m.to(compute.device)
     return model, tok, ref
 
 

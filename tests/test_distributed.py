@@ -80,7 +80,9 @@ def test_the_planner_estimates_a_cpu_step_within_15_percent_of_its_measured_peak
     measured = bench.spawn(dict(kind="measure", **row, batch=4, length=128))["measured"]
     assert 0.85 < flat_plan["total"] / measured < 1.15, (flat_plan["total"], measured)
     assert flat_plan["reference"] == 0 and npo_plan["reference"] == npo_plan["params"] > 0
-    assert npo_plan["optimizer"] == pytest.approx(flat_plan["optimizer"])
+    # the columns are what is alive at the peak: AdamW's two fp32 moments (made by the first step) always are
+    for plan in (flat_plan, npo_plan):
+        assert plan["optimizer"] >= 2 * plan["params"] and plan["grads"] <= plan["params"], plan
 
 
 def test_the_committed_memory_table_has_every_row():

@@ -117,8 +117,7 @@ CHANGES = {"lr": 3e-4, "epochs": 7, "steps": 9, "batch_size": 5, "grad_accum": 3
            "model": "other-model", "split": "forget05", "corpus": "muse-news", "task": "hallucination"}
 EVAL_ONLY = {"max_new_tokens": 3, "eval_batch_size": 5, "eval_items": 4, "eval_chunks": 3, "ppl_chunks": 3,
              "eval_prompts": 3, "judge_l2": 2.0, "judge_train_items": 5, "log_every": 99, "out": "elsewhere"}
-RUNNERS = [(run_tofu, ["finetune", "unlearn"]), (run_hp, ["finetune", "unlearn"]),
-           (run_harmful, ["finetune", "unlearn"])]
+RUNNERS = [run_tofu, run_hp, run_harmful]  # each trains a finetune and an unlearn stage
 
 
 def _keys(args, method="flat"):
@@ -128,8 +127,8 @@ def _keys(args, method="flat"):
             for stage in ("finetune", "unlearn", "eval")}
 
 
-@pytest.mark.parametrize("runner,stages", RUNNERS, ids=lambda r: getattr(r, "__name__", ""))
-def test_every_training_flag_is_in_its_stages_key_and_eval_flags_are_not(runner, stages):
+@pytest.mark.parametrize("runner", RUNNERS, ids=lambda r: r.__name__)
+def test_every_training_flag_is_in_its_stages_key_and_eval_flags_are_not(runner):
     base = runner.resolve(runner.Args())
     fields = {f.name for f in dataclasses.fields(base)}
     before = _keys(base)
@@ -144,7 +143,7 @@ def test_every_training_flag_is_in_its_stages_key_and_eval_flags_are_not(runner,
     for name, value in EVAL_ONLY.items():
         if name in fields:
             changed = _keys(dataclasses.replace(base, **{name: value}))
-            assert all(changed[s] == before[s] for s in stages), (runner.__name__, name)  # no retraining
+            assert all(changed[s] == before[s] for s in ("finetune", "unlearn")), (runner.__name__, name)  # no retraining
     # precision: a resolved setting, in every key
     bf16 = dataclasses.replace(CPU, precision="bf16")
     assert stages.stage_key(base, "finetune", bf16) != stages.stage_key(base, "finetune", CPU)
