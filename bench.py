@@ -17,7 +17,6 @@ of the process) belongs to that measurement alone.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -26,7 +25,6 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -34,7 +32,6 @@ import numpy as np
 import torch
 
 import data
-import distributed
 import evaluate
 import flat
 import models
@@ -299,232 +296,6 @@ def matmul_rate(device: str, dtype, n: int, reps: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
-# ---------------------------------------------------------------------------------------------
-# Memory planner: the real training step on fake tensors (no GPU, no weights, no memory)
-# ---------------------------------------------------------------------------------------------
-
-PLAN_METHODS = ("flat", "npo")      # FLAT alone; NPO with its frozen reference model
-PLAN_PRECISIONS = ("mixed", "bf16")
-PLAN_WORLDS = (1, 2, 4, 8)
-GPU_GB = 80                          # one 80 GB GPU (A100/H100)
-HEADROOM = 0.9                       # the share of it a run can count on (CUDA context, allocator, workspaces)
-
-
-def plan_rows() -> list[dict]:
-    """Every setting the planner's table has: architecture x method x precision x checkpointing x processes."""
-    return [dict(model=m, method=meth, precision=p, gc=gc, world=w) for m in ARCHS for meth in PLAN_METHODS
-            for p in PLAN_PRECISIONS for gc in (True, False) for w in PLAN_WORLDS]
-
-
-def _peak_only(tracker_cls):
-    """A memory tracker keeping the whole-process peak only: the stock trackers also keep every
-    module's peak, which costs O(modules) per operator (a 100x slowdown on a 30-layer model)."""
-    class PeakOnly(tracker_cls):
-        def _update_peak_stats(self, peak_state):
-            for dev, snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < snap["Total"]:
-                    self._peak_mem[dev] = snap["Total"]
-                    self._peak_mem_snap[dev] = dict(snap)
-    return PeakOnly
-
-
-@contextmanager
-def fsdp_allocations_in(fake_mode):
-    """Run FSDP2's own work (all-gathers into unsharded parameters, reduce-scatters of gradients,
-    resharding) inside the fake mode, so that its buffers are fake as well. The rest of the step runs
-    outside it: the parameters are fake, so everything computed from them is, while the batch's token
-    ids and masks stay real and the step's Python-level checks on them work as in a real run."""
-    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
-    names = ["lazy_init", "unshard", "wait_for_unshard", "reshard", "pre_forward", "post_forward", "pre_backward",
-             "post_backward", "finalize_backward", "_prefetch_unshard", "_backward_prefetch"]
-    saved = {n: FSDPParamGroup.__dict__[n] for n in names}
-
-    def inside(f):
-        @functools.wraps(f)
-        def run(*a, **k):
-            with fake_mode:
-                return f(*a, **k)
-        return run
-    for n, f in saved.items():
-        setattr(FSDPParamGroup, n, staticmethod(inside(f.__func__)) if isinstance(f, staticmethod) else inside(f))
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(FSDPParamGroup, n, f)
-
-
-def step_batch(method: flat.Method, vocab: int, batch: int, length: int) -> dict:
-    """A fixed micro-batch of random tokens, half prompt and half answer: `batch` forget rows, and as many
-    template rows when the method has a template stream."""
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(0, vocab, (length,), generator=g).tolist()} for _ in range(2 * batch)]
-    for r in rows:
-        r["labels"] = [IGNORE_INDEX] * (length // 2) + r["input_ids"][length // 2:]
-    return {"forget": rows[:batch], **({"template": rows[batch:]} if method.template else {})}
-
-
-def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: int, length: int) -> dict:
-    """Peak memory in bytes of one unlearning step of this project (train.batch_loss, the AdamW of
-    train.optimizer_and_schedule, backward, clipping, the optimiser step; the frozen reference for methods
-    that have one), run on fake tensors under a memory tracker, in the current process group (a fake
-    one of N processes: each process's share, FSDP2-sharded as distributed.shard does it). The second of
-    two steps is the peak: AdamW's moments exist from the first.
-    Returns {params, grads, optimizer, activations (and temporaries, gathered parameters and
-    communication buffers), reference, total}."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
-    from transformers import AutoModelForCausalLM
-    compute = models.Compute("cpu", precision, gc)
-    method, params = flat.LOSSES[method_name], flat.LossParams()
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_mode:  # the parameters, and so everything computed from them, are fake
-        model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
-        if gc:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        ref = models.frozen_copy(model) if method.reference else None
-    sharded = distributed.world() > 1
-    if sharded:  # outside the fake mode: the device mesh is made of real tensors
-        for m in filter(None, (model, ref)):
-            distributed.shard(m, frozen=m is ref)
-    nbytes = lambda m: sum(distributed.local(p).numel() * p.element_size() for p in m.parameters())  # noqa: E731
-    param_bytes, ref_bytes = nbytes(model), nbytes(ref) if ref is not None else 0  # resident: sharded
-    if ref is not None:  # MemTracker hooks the gradient of every parameter it sees in a forward pass, which
-        ref.requires_grad_(True)  # fails on frozen ones; the reference runs under no_grad: no gradient is made
-    model.train()
-    opt, _ = train.optimizer_and_schedule(model, 1e-5, 0.01, 0, 10)
-    b = step_batch(method, config.vocab_size, batch, length)
-    tracker = _peak_only(FSDPMemTracker)(model, opt) if sharded else _peak_only(MemTracker)()
-    tracker.track_external(*filter(None, (model, opt, ref)))
-    with fsdp_allocations_in(fake_mode), tracker:
-        for it in range(2):
-            if it:
-                tracker.reset_mod_stats()
-            with compute.autocast():
-                loss, _ = train.batch_loss(model, b, method, params, 0, ref)
-            (loss * (distributed.world() / len(loss))).sum().backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    by = {str(k).split(".")[-1].lower(): v for k, v in peak.items()}
-    # FSDPMemTracker follows one root module: the reference's sharded parameters, made before it starts
-    # and resident throughout, are not in its total (its gathered ones, while it runs, are)
-    total = peak["Total"] + (ref_bytes if sharded else 0)
-    out = {"total": total, "reference": ref_bytes, "params": param_bytes,
-           "grads": sum(v for k, v in by.items() if "grad" in k), "optimizer": by.get("opt", by.get("optstate", 0))}
-    out["activations"] = out["total"] - out["params"] - out["grads"] - out["optimizer"] - out["reference"]
-    return out
-
-
-def worker_plan(cfg: dict) -> dict:
-    """Plan every row of one process-group size (a fake group of cfg["world"] processes)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    world = cfg["world"]
-    if world > 1:
-        torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    rows = []
-    for row in cfg["rows"]:
-        config = arch_config(row["model"])
-        t = time.perf_counter()
-        rows.append({**row, **plan_step_memory(config, row["method"], row["precision"], row["gc"], cfg["batch"],
-                                               cfg["length"]), "seconds": time.perf_counter() - t})
-    return {"rows": rows}
-
-
-def arch_config(name):
-    """The transformers config of an architecture of ARCHS, of a model (alias or directory; its config
-    only), or of a spec [kind, fields] ("opt" or "llama") such as the entries of ARCHS."""
-    from transformers import LlamaConfig, OPTConfig
-    if isinstance(name, str) and name not in ARCHS:
-        return models.model_config(name)
-    kind, cfg = ARCHS[name] if isinstance(name, str) else name
-    return (OPTConfig if kind == "opt" else LlamaConfig)(**cfg)
-
-
-def worker_measure(cfg: dict) -> dict:
-    """The same step as plan_step_memory, for real, on the CPU: peak resident memory of this process
-    (getrusage's high-water mark) above what it held before the model was built."""
-    from transformers import AutoModelForCausalLM
-    config = arch_config(cfg["model"])
-    compute = models.Compute("cpu", cfg["precision"], cfg["gc"])
-    method, params = flat.LOSSES[cfg["method"]], flat.LossParams()
-    b = step_batch(method, config.vocab_size, cfg["batch"], cfg["length"])
-    before = _rss_bytes()
-    model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
-    if cfg["gc"]:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = models.frozen_copy(model) if method.reference else None
-    model.train()
-    opt, _ = train.optimizer_and_schedule(model, 1e-5, 0.01, 0, 10)
-    for _ in range(2):
-        with compute.autocast():
-            loss, _ = train.batch_loss(model, b, method, params, 0, ref)
-        loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"measured": peak - before, "before": before}
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def plan_memory_table(args, out: Path) -> None:
-    """python bench.py --plan-memory: every row of plan_rows() at 16 forget rows (+ 16 template rows for
-    FLAT) x 512 tokens per process, one worker process per process-group size; and the planner checked
-    against a measured CPU step of SmolLM2-135M's architecture."""
-    batch, length = args.batch_size or 16, 512
-    rows = plan_rows()
-    if args.models:
-        rows = [r for r in rows if r["model"] in args.models]
-    planned = []
-    for world in PLAN_WORLDS:
-        mine = [r for r in rows if r["world"] == world]
-        if mine:
-            planned += spawn(dict(kind="plan", world=world, rows=mine, batch=batch, length=length))["rows"]
-            print(f"planned {len(planned)}/{len(rows)} rows", flush=True)
-    check = dict(model="smollm2-135m", method="flat", precision="fp32", gc=False, batch=4, length=256)
-    est = spawn(dict(kind="plan", world=1, rows=[{k: check[k] for k in ("model", "method", "precision", "gc")}],
-                     batch=check["batch"], length=check["length"]))["rows"][0]
-    meas = spawn(dict(kind="measure", **check))
-    gib = lambda b: b / 2**30  # noqa: E731
-    lines = ["# Memory plan: peak memory of one unlearning step, per process\n",
-             f"`python bench.py {' '.join(argv_of(args))}` on {date.today()}, {machine('cpu')}.\n",
-             f"The real training step of this project (`train.batch_loss`, the AdamW of `train.optimizer_and_schedule`, "
-             f"backward, clipping, the optimiser step; NPO's frozen reference model) run on fake tensors "
-             f"(`FakeTensorMode`) under PyTorch's memory tracker (`MemTracker`; `FSDPMemTracker` with FSDP2 sharding "
-             f"over a fake process group of N processes), models built from their configs, no weights. Micro-batch: "
-             f"{batch} forget rows (+ {batch} template rows for FLAT) of {length} tokens per process, half prompt "
-             f"and half answer. The peak is the second of two steps (AdamW's moments exist). GiB per process. "
-             f"The columns split the total at the moment of the peak: *grads* is 0 where the peak falls in the "
-             f"forward pass (set_to_none: no gradient exists yet), *optimizer* includes the step's temporaries where "
-             f"it falls in the optimiser step. *activations* holds everything that is not a parameter, gradient, "
-             f"optimiser state or the reference: activations, temporaries, gathered parameters, communication "
-             f"buffers. *fits* = total <= "
-             f"{HEADROOM:.0%} of {GPU_GB} GB (the rest for the CUDA context, allocator fragmentation and workspaces).\n",
-             f"**Planner against a measurement** (CPU, SmolLM2-135M architecture, FLAT, fp32, {check['batch']} x "
-             f"{check['length']} tokens): planned {gib(est['total']):.2f} GiB, measured {gib(meas['measured']):.2f} GiB "
-             f"(peak resident memory of a fresh process above what it held before building the model), planned / "
-             f"measured = {est['total'] / meas['measured']:.3f}.\n",
-             "| model | method | precision | grad. ckpt | processes | params | grads | optimizer | activations | "
-             "reference | total | fits one 80 GB GPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in planned:
-        lines.append(f"| {r['model']} | {r['method']} | {r['precision']} | {'on' if r['gc'] else 'off'} | {r['world']} | "
-                     f"{gib(r['params']):.1f} | {gib(r['grads']):.1f} | {gib(r['optimizer']):.1f} | "
-                     f"{gib(r['activations']):.1f} | {gib(r['reference']):.1f} | {gib(r['total']):.1f} | "
-                     f"{'yes' if r['total'] <= HEADROOM * GPU_GB * 1e9 else 'no'} |")
-    lines += ["", "## Measured on a GPU", "", "Not measured yet: no GPU was available to this work "
-              "(`python bench.py --device cuda --memory` measures the CUDA rows next to these)."]
-    write_text_atomic(out, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
 def argv_of(args) -> list[str]:
     return sys.argv[1:] if args is not None else []
 
@@ -536,16 +307,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-WORKERS = {"train": worker_train, "eval": worker_eval, "memory": worker_memory, "plan": worker_plan,
-           "measure": worker_measure}
+WORKERS = {"train": worker_train, "eval": worker_eval, "memory": worker_memory}
 
 
-def spawn(cfg: dict) -> dict:
-    """Run one measurement in a fresh process and return its JSON result. glibc's malloc serves every
+def spawn(cfg: dict, script: Path | None = None) -> dict:
+    """Run one measurement in a fresh process (`script --worker JSON`, default this file) and return its
+    JSON result. glibc's malloc serves every
     allocation above 128 KiB with mmap there, so a freed tensor leaves the resident set at once and the
-    process's high-water mark (peak_memory_gb on CPU, worker_measure) is the peak of live memory."""
+    process's high-water mark (peak_memory_gb on CPU, memplan.worker_measure) is the peak of live memory."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)],
+    p = subprocess.run([sys.executable, str(Path(script or __file__).resolve()), "--worker", json.dumps(cfg)],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"worker {cfg} failed:\n{p.stderr[-3000:]}")
@@ -596,7 +367,8 @@ def main(argv=None) -> None:
     except (ValueError, KeyError, models.ModelLoadError) as e:
         stages.fail(str(e))
     if args.plan_memory:
-        return plan_memory_table(args, Path(args.out or ROOT / "bench" / "MEMORY.md"))
+        import memplan  # the planner's own module; it imports this one
+        return memplan.plan_memory_table(args, Path(args.out or ROOT / "bench" / "MEMORY.md"))
     args.out = args.out or str(ROOT / "bench" / "RESULTS.md")
     cuda = compute.device.startswith("cuda")
     model_names = args.models or (list(ARCHS) if cuda else ["smollm2-135m"])

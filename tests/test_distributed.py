@@ -13,7 +13,7 @@ import pytest
 from conftest import BOOK_SMOKE, ROOT, TOFU_SMOKE
 from safetensors.torch import load_file
 
-import bench
+import memplan
 import models
 
 
@@ -76,8 +76,8 @@ def test_the_planner_estimates_a_cpu_step_within_15_percent_of_its_measured_peak
                           num_key_value_heads=8, vocab_size=16000, max_position_embeddings=1024)]
     row = dict(model=spec, method="flat", precision="fp32", gc=False)
     rows = [row, dict(row, method="npo")]
-    flat_plan, npo_plan = bench.spawn(dict(kind="plan", world=1, rows=rows, batch=4, length=128))["rows"]
-    measured = bench.spawn(dict(kind="measure", **row, batch=4, length=128))["measured"]
+    flat_plan, npo_plan = memplan.spawn(dict(kind="plan", world=1, rows=rows, batch=4, length=128))["rows"]
+    measured = memplan.spawn(dict(kind="measure", **row, batch=4, length=128))["measured"]
     assert 0.85 < flat_plan["total"] / measured < 1.15, (flat_plan["total"], measured)
     assert flat_plan["reference"] == 0 and npo_plan["reference"] == npo_plan["params"] > 0
     # the columns are what is alive at the peak: AdamW's two fp32 moments (made by the first step) always are
@@ -89,6 +89,6 @@ def test_the_committed_memory_table_has_every_row():
     text = (ROOT / "bench" / "MEMORY.md").read_text()
     rows = re.findall(r"^\| (\S+) \| (\w+) \| (\w+) \| (on|off) \| (\d) \|", text, re.M)
     want = {(r["model"], r["method"], r["precision"], "on" if r["gc"] else "off", str(r["world"]))
-            for r in bench.plan_rows()}
+            for r in memplan.plan_rows()}
     assert set(rows) == want and len(rows) == len(want) == 96
     assert "Planner against a measurement" in text
