@@ -224,25 +224,33 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
 
 
 @torch.no_grad()
-def token_details(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 512) -> list[dict]:
+def token_details(logits: torch.Tensor, labels: torch.Tensor) -> list[dict]:
     """Per row, over its scored tokens except the last (the EOS, which open-unlearning's token-wise
     attacks drop): "logp" log p(token), "z" the Min-K%++ z-score (log p(token) - mu) / sigma with mu
     and sigma^2 the mean and variance of log p under the model's own next-token distribution, and
-    "hit" whether the argmax is the token. Only scored positions are upcast (chunked), so no second
-    (B, T, V) fp32 tensor is made. Shape: logits (B, T, V); labels (B, T)."""
+    "hit" whether the argmax is the token. Shape: logits (B, T, V); labels (B, T).
+
+    The statistics are taken in float64 from the logits, and sigma^2 as the centred moment
+    sum p (log p - mu)^2: the raw form E[(log p)^2] - mu^2 cancels catastrophically when the
+    distribution is flat or peaked (both terms near mu^2), and in float32 it moved z in the fourth
+    digit between torch builds. Only scored positions are upcast, in chunks of at most 2^24 values
+    (128 MiB of float64), so no second (B, T, V) tensor is made.
+    """
     target, mask = shift_labels(labels)
     pos = mask.nonzero()                                                   # (N, 2): row, position
     flat_logits = logits[pos[:, 0], pos[:, 1]]                             # (N, V)
     tok = target[pos[:, 0], pos[:, 1]]                                     # (N,)
+    chunk_rows = max(1, 2**24 // logits.shape[-1])
     logp, z, hit = [], [], []
     for s in range(0, len(pos), chunk_rows):
-        lp = flat_logits[s:s + chunk_rows].float().log_softmax(-1)
+        lp = flat_logits[s:s + chunk_rows].double().log_softmax(-1)      # (n, V)
         t = tok[s:s + chunk_rows, None]
-        mu = (lp.exp() * lp).sum(-1)
-        var = (lp.exp() * lp * lp).sum(-1) - mu * mu
+        p = lp.exp()
+        mu = (p * lp).sum(-1)                                              # (n,)
+        var = (p * (lp - mu[:, None]).square()).sum(-1)                    # (n,), centred: no cancellation
         lt = lp.gather(1, t).squeeze(1)
         logp.append(lt)
-        z.append((lt - mu) / var.clamp(min=1e-6).sqrt())
+        z.append((lt - mu) / var.clamp(min=1e-6).sqrt())                 # open-unlearning's floor on sigma^2
         hit.append(lp.argmax(-1) == t.squeeze(1))
     logp, z, hit = (torch.cat(x).tolist() if x else [] for x in (logp, z, hit))
     counts = mask.sum(1).tolist()

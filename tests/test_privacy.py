@@ -22,36 +22,38 @@ import train
 
 def slow_token_stats(model, tok, question, answer):
     """One (question, answer) alone, no cache, every position's full distribution in float64: the
-    per-token log-probabilities of answer + EOS, the Min-K%++ z-scores and argmax hits."""
+    per-token log-probabilities of answer + EOS, the Min-K%++ z-scores, argmax hits and sigmas."""
     enc = data.encode_qa(tok, "base", question, answer)
     ids = torch.tensor([enc["input_ids"]])
     with torch.no_grad():
         logp_all = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-    logp, z, hit = [], [], []
+    logp, z, hit, sigma = [], [], [], []
     for t in range(len(enc["labels"]) - 1):
         y = enc["labels"][t + 1]
         if y == -100:
             continue
         lp = logp_all[t]
         mu = float((lp.exp() * lp).sum())
-        var = float((lp.exp() * lp * lp).sum()) - mu * mu
+        var = max(float((lp.exp() * lp * lp).sum()) - mu * mu, 1e-6)   # float64: the raw moment is exact enough
         logp.append(float(lp[y]))
-        z.append((float(lp[y]) - mu) / math.sqrt(max(var, 1e-6)))
+        z.append((float(lp[y]) - mu) / math.sqrt(var))
         hit.append(int(lp.argmax()) == y)
-    return logp, z, hit
+        sigma.append(math.sqrt(var))
+    return logp, z, hit, sigma
 
 
 def slow_scores(model, tok, rows):
-    out = {"loss": [], "zlib": [], "min_k": [], "min_k_plus_plus": [], "em": [], "es": []}
+    out = {"loss": [], "zlib": [], "min_k": [], "min_k_plus_plus": [], "em": [], "es": [], "z_tol": []}
     for r in rows:
-        logp, z, hit = slow_token_stats(model, tok, r["question"], r["answer"])
+        logp, z, hit, sigma = slow_token_stats(model, tok, r["question"], r["answer"])
         nll = -sum(logp) / len(logp)                       # answer tokens and EOS
-        logp, z, hit = logp[:-1], z[:-1], hit[:-1]         # the token-wise attacks drop the EOS
+        logp, z, hit, sigma = logp[:-1], z[:-1], hit[:-1], sigma[:-1]   # the token-wise attacks drop the EOS
         k = max(1, int(0.4 * len(logp)))
         out["loss"].append(nll)
         out["zlib"].append(nll / len(zlib.compress(r["answer"].encode())))
         out["min_k"].append(-sum(sorted(logp)[:k]) / k)
         out["min_k_plus_plus"].append(-sum(sorted(z)[:k]) / k)
+        out["z_tol"].append(max((4 + 2 * abs(zi)) / s for zi, s in zip(z, sigma)))
         out["em"].append(sum(hit) / len(hit))
         for start in range(len(hit)):                      # open-unlearning's loop, as written there
             if all(hit[start:]):
@@ -71,13 +73,54 @@ def test_every_attack_and_the_auc_match_a_slow_hand_computation(tiny_model_dir):
     forget, holdout = data.load_tofu("forget01_perturbed")[:5], data.load_tofu("holdout01")[:5]
     summary, items = evaluate.evaluate_tofu(model, tok, "base", {"forget": forget, "holdout": holdout}, 2, 4)
     slow = {"forget": slow_scores(model, tok, forget), "holdout": slow_scores(model, tok, holdout)}
+    for side, rows in (("forget", forget), ("holdout", holdout)):
+        # The batched, cached pass and the lone float64 pass start from fp32 logits that differ by
+        # delta (seen in log p(token)). To first order log p and mu move by at most 2 delta and sigma
+        # by at most 2 delta, so z = (log p - mu) / sigma moves by at most (4 + 2|z|) delta / sigma.
+        fast = evaluate.answer_nll(model, tok, "base", [r["question"] for r in rows], [[r["answer"]] for r in rows],
+                                   details=True)
+        for r, [d] in zip(rows, fast):
+            logp, z, _, sigma = (x[:-1] for x in slow_token_stats(model, tok, r["question"], r["answer"]))
+            delta = np.abs(np.subtract(d["logp"], logp)).max()
+            assert delta < 1e-5, (side, delta)
+            bound = [(4 + 2 * abs(zi)) * delta / s + 1e-9 for zi, s in zip(z, sigma)]
+            assert all(abs(a - b) <= t for a, b, t in zip(d["z"], z, bound)), (side, d["z"], z, bound)
+        # The score is a mean of some of those z-scores: within the largest bound, at delta's ceiling.
+        np.testing.assert_allclose(items["mia"]["min_k_plus_plus"][side], slow[side]["min_k_plus_plus"],
+                                   atol=max(slow[side]["z_tol"]) * 1e-5, rtol=0)
     for attack in mia.ATTACKS:
         for side in ("forget", "holdout"):
+            if attack == "min_k_plus_plus":
+                continue                                   # checked token by token above
             np.testing.assert_allclose(items["mia"][attack][side], slow[side][attack], rtol=1e-4, atol=1e-5,
                                        err_msg=f"{attack} {side}")
         assert summary[f"mia_{attack}"] == pytest.approx(pair_auc(slow["forget"][attack], slow["holdout"][attack]))
     np.testing.assert_allclose(items["forget"]["exact_memorization"], slow["forget"]["em"])
     np.testing.assert_allclose(items["forget"]["extraction_strength"], slow["forget"]["es"])
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1.0, 30.0])   # nearly flat, ordinary, peaked
+def test_min_k_plus_plus_z_scores_hold_on_flat_and_peaked_distributions(scale):
+    """token_details against a float64 loop over the same fp32 logits: both start from identical
+    numbers, so they agree to float64 round-off over V terms; the raw moment E[(log p)^2] - mu^2 in
+    float32 misses by 1e-2 relative on the flat case."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 7, 400, generator=g) * scale).float()
+    labels = torch.randint(0, 400, (2, 7), generator=g)
+    labels[1, 4:] = -100                                              # a shorter second row
+    got = evaluate.token_details(logits, labels)
+    for b in range(2):
+        want = []
+        for t in range(6):
+            y = int(labels[b, t + 1])
+            if y == -100:
+                continue
+            lp = torch.log_softmax(logits[b, t].double(), -1)
+            mu = float((lp.exp() * lp).sum())
+            var = max(float((lp.exp() * (lp - mu) ** 2).sum()), 1e-6)
+            want.append((float(lp[y]) - mu) / math.sqrt(var))
+        want = want[:-1]                                              # the last scored token (EOS) is dropped
+        np.testing.assert_allclose(got[b]["z"], want, rtol=1e-9, atol=1e-9)
 
 
 def test_extraction_strength_follows_open_unlearnings_loop():
