@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import resource
-import subprocess
 import sys
 import time
 from datetime import date
@@ -35,24 +32,17 @@ import data
 import evaluate
 import flat
 import models
+import memplan
 import stages
 import train
+import measure
+from measure import ARCHS, machine, write_text_atomic
 from flat import IGNORE_INDEX, SeqStats
 
 ROOT = Path(__file__).resolve().parent
 FIXED_LENGTH = 500  # the existing TOFU/FLAT code pads every example to 500 tokens
 FIXED_NEW_TOKENS = 200
 
-# Architectures built from a config with random weights (no Hub): speed and memory only.
-ARCHS = {
-    "opt-1.3b": ("opt", dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
-                             word_embed_proj_dim=2048, vocab_size=50272, max_position_embeddings=2048)),
-    "opt-2.7b": ("opt", dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
-                             word_embed_proj_dim=2560, vocab_size=50272, max_position_embeddings=2048)),
-    "llama2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                                max_position_embeddings=4096)),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,31 +286,14 @@ def matmul_rate(device: str, dtype, n: int, reps: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
-def argv_of(args) -> list[str]:
-    return sys.argv[1:] if args is not None else []
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{models.TMP_PREFIX}{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 WORKERS = {"train": worker_train, "eval": worker_eval, "memory": worker_memory}
 
 
-def spawn(cfg: dict, script: Path | None = None) -> dict:
-    """Run one measurement in a fresh process (`script --worker JSON`, default this file) and return its
-    JSON result. glibc's malloc serves every
-    allocation above 128 KiB with mmap there, so a freed tensor leaves the resident set at once and the
-    process's high-water mark (peak_memory_gb on CPU, memplan.worker_measure) is the peak of live memory."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    p = subprocess.run([sys.executable, str(Path(script or __file__).resolve()), "--worker", json.dumps(cfg)],
-                       capture_output=True, text=True, cwd=ROOT, env=env)
-    if p.returncode != 0:
-        raise RuntimeError(f"worker {cfg} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def spawn(cfg: dict) -> dict:
+    """One benchmark worker in a fresh process (measure.spawn)."""
+    return measure.spawn(cfg, Path(__file__))
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,14 +333,13 @@ def main(argv=None) -> None:
     try:
         compute = models.resolve_compute(args.device, args.precision)
         for m in args.methods:
-            flat.LOSSES[m]
+            flat.LOSSES.check(m)
         for name in args.models or []:
             if name not in ARCHS:
                 models.check_name(name)
     except (ValueError, KeyError, models.ModelLoadError) as e:
         stages.fail(str(e))
     if args.plan_memory:
-        import memplan  # the planner's own module; it imports this one
         return memplan.plan_memory_table(args, Path(args.out or ROOT / "bench" / "MEMORY.md"))
     args.out = args.out or str(ROOT / "bench" / "RESULTS.md")
     cuda = compute.device.startswith("cuda")
@@ -442,13 +414,6 @@ def main(argv=None) -> None:
                     print(row, flush=True)
     write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
     print(f"\nwritten to {args.out}")
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads (torch {torch.__version__})")
 
 
 if __name__ == "__main__":

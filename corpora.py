@@ -15,8 +15,8 @@ from pathlib import Path
 from data import ROOT, DataError, check_field, check_file, decode_utf8, read_jsonl
 from flat import IGNORE_INDEX
 
-HARMFUL_DIR = ROOT / "data" / "harmful"
-HALUEVAL = ROOT / "data" / "halueval" / "qa_data_first1000.jsonl"
+HARMFUL_DIR = ROOT / "vendored" / "harmful"
+HALUEVAL = ROOT / "vendored" / "halueval" / "qa_data_first1000.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,11 +143,11 @@ def load_halueval(path: str | Path | None = None) -> list[dict]:
 # Copyright unlearning: books and news as token chunks (prompt = a chunk's first tokens)
 # ---------------------------------------------------------------------------------------------
 
-BOOKS_DIR = ROOT / "data" / "books"
+BOOKS_DIR = ROOT / "vendored" / "books"
 DEFAULT_BOOK = BOOKS_DIR / "pg84_frankenstein.txt"          # the forget text of the offline default
 HELD_OUT_BOOK = BOOKS_DIR / "pg11_alice_in_wonderland.txt"  # never trained on: a perplexity set
-WIKITEXT = ROOT / "data" / "wikitext2" / "test_slice.txt"
-MUSE_DIR = ROOT / "data" / "muse_news"
+WIKITEXT = ROOT / "vendored" / "wikitext2" / "test_slice.txt"
+MUSE_DIR = ROOT / "vendored" / "muse_news"
 
 # Refusals used as template continuations y_e of a forget chunk's prompt.
 TEXT_REFUSALS = [

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from flat import IGNORE_INDEX, Registry
+from flat import IGNORE_INDEX, Choices
 
 ROOT = Path(__file__).resolve().parent
-TOFU_DIR = ROOT / "data" / "tofu"
+TOFU_DIR = ROOT / "vendored" / "tofu"
 
 
 class DataError(ValueError):
@@ -109,14 +109,14 @@ def digest(*objs) -> str:
 _QA = {"question": str, "answer": str}
 _PERTURBED = {**_QA, "paraphrased_answer": str, "perturbed_answer": list}
 _WITH_OPTIONS = {**_QA, "perturbed_answer": list}
-TOFU_CONFIGS = Registry("TOFU config", {
+TOFU_CONFIGS = Choices("TOFU config", {
     **{name: _QA for name in ["full", "forget01", "forget05", "forget10", "retain90", "retain95", "retain99",
                               "holdout01", "holdout05", "holdout10", "real_authors", "world_facts"]},
     **{f"{name}_perturbed": _PERTURBED for name in ["forget01", "forget05", "forget10", "retain"]},
     "real_authors_perturbed": _WITH_OPTIONS,
     "world_facts_perturbed": _WITH_OPTIONS,
 })
-SPLITS = Registry("split", {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"})  # -> retain
+SPLITS = Choices("split", {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"})  # -> retain
 HOLDOUT = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}  # same size, never trained
 AUTHOR_QA = 20  # TOFU has 20 QA pairs per fictitious author, in blocks
 
@@ -128,6 +128,8 @@ def load_tofu(config: str, data_dir: str | Path | None = None) -> list[dict]:
         if d is not None and (Path(d) / f"{config}.jsonl").exists():
             path = Path(d) / f"{config}.jsonl"
             rows = read_jsonl(path, required)
+            if not rows:  # every TOFU set has rows: an empty one would surface only after training
+                raise DataError(f"{path}: the TOFU set {config} is empty")
             if "perturbed_answer" in required:
                 _check_options(rows, path)
             return rows
@@ -260,7 +262,14 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
 # Unlearning batches: each forget example with its template answer and a retain example
 # ---------------------------------------------------------------------------------------------
 
-STREAMS = ("forget", "template", "retain")
+STREAMS = ("answer", "forget", "template", "retain")  # "answer": fine-tuning (train.FINETUNE)
+
+
+def epoch_rngs(epochs: int, seed: int):
+    """The random generator of each of `epochs` epochs: one generator, seeded once per training stage,
+    so that every epoch draws a new order and the same seed gives the same run."""
+    rng = random.Random(seed)
+    return (rng for _ in range(epochs))
 
 
 def unlearning_epoch(tokenizer, style: str, forget: list[dict], templates: list[str] | None,

@@ -12,6 +12,7 @@ import math
 import sys
 from typing import Callable, NamedTuple
 
+import distributed
 import flat
 import models
 
@@ -118,6 +119,25 @@ def validate(args) -> None:
             raise UsageError(f"--{f.name.replace('_', '-')} {value}: must be {check.says}")
 
 
+def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | None = None):
+    """Every flag, preset and name a runner reads, checked before any work: parse_args, then
+    resolve(args) (the runner's protocol and the model's preset fill the flags left at None), the
+    declared ranges (validate), the loss and divergence names, the model name, and check(args) for
+    what only that runner has. Raises UsageError (or flat.UnknownName) with one line to show."""
+    args = parse_args(cls, argv)
+    if resolve is not None:
+        args = resolve(args)
+    validate(args)
+    flat.DIVERGENCES.check(args.divergence)
+    methods(args)
+    models.check_name(args.model)
+    if args.eval_every and distributed.launched():
+        raise UsageError("--eval-every runs in one process only (evaluation is not sharded)")
+    if check is not None:
+        check(args)
+    return args
+
+
 def loss_params(args) -> flat.LossParams:
     return flat.LossParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(flat.LossParams)})
 
@@ -130,20 +150,29 @@ def fill_defaults(args, defaults: dict):
     return args
 
 
-def methods(spec: str, supported=None) -> list[tuple[str, str, flat.LossParams | None]]:
-    """--method as a list of (label, loss name, divergence): "flat", "npo,ga", "flat:kl,flat:js"
-    (FLAT with each divergence) or "all" (every loss in flat.LOSSES, or in `supported`). A name
+class Variant(NamedTuple):
+    """One entry of --method: its label (the row of the table), the loss and its hyperparameters."""
+    label: str
+    method: flat.Method
+    params: flat.LossParams
+
+
+def methods(args) -> list[Variant]:
+    """--method as a list of Variant(label, Method, LossParams): "flat", "npo,ga", "flat:kl,flat:js"
+    (FLAT with each divergence) or "all" (every loss in flat.LOSSES). A name
     without a divergence uses --divergence. Unknown names raise with the valid ones."""
-    names = list(supported or flat.LOSSES) if spec == "all" else [s.strip() for s in spec.split(",")]
+    spec = args.method
+    names = list(flat.LOSSES) if spec == "all" else [s.strip() for s in spec.split(",")]
     out = []
     for name in names:
         loss, _, divergence = name.partition(":")
-        flat.LOSSES[loss]
+        flat.LOSSES.check(loss)
         if divergence:
             if loss != "flat":
                 raise flat.UnknownName(f"{name!r}: only flat takes a divergence (flat:kl, flat:js, ...)")
-            flat.DIVERGENCES[divergence]
-        out.append((name, loss, divergence or None))
-    if len({label for label, _, _ in out}) != len(out):
+            flat.DIVERGENCES.check(divergence)
+        params = dataclasses.replace(loss_params(args), divergence=divergence or args.divergence)
+        out.append(Variant(name, flat.LOSSES[loss], params))
+    if len({v.label for v in out}) != len(out):
         raise flat.UnknownName(f"--method {spec!r} names a method twice")
     return out

@@ -1,6 +1,7 @@
-"""Unlearning losses as pure functions of tensors.
+"""Unlearning losses as pure functions of tensors, in the order of the FLAT paper: the statistic P,
+FLAT's loss and its divergence table, then the baselines and the method table.
 
-Every loss here takes per-sample statistics of answer tokens (log-probabilities, mean token
+Every loss takes per-sample statistics of answer tokens (log-probabilities, mean token
 probabilities, KL to a reference) and returns a per-sample loss of shape (B,) to *minimise*; the
 caller takes the mean. None of them takes a model, a batch dict or a device, so each can be copied
 into other code and tested on random tensors.
@@ -13,7 +14,7 @@ LLMU: Yao, Xu, Liu, "Large Language Model Unlearning", NeurIPS 2024.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -28,8 +29,8 @@ class UnknownName(KeyError):
         return str(self.args[0])
 
 
-class Registry(dict):
-    """A name -> entry dict whose failed lookups list the valid names."""
+class Choices(dict):
+    """A name -> entry dict whose failed lookups list the valid names (LOSSES, models.MODELS, ...)."""
 
     def __init__(self, kind: str, entries: dict):
         super().__init__(entries)
@@ -38,45 +39,15 @@ class Registry(dict):
     def __missing__(self, name):
         raise UnknownName(f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self))}")
 
+    def check(self, name: str) -> None:
+        """Fail, listing the valid names, unless `name` is one (a check before any work)."""
+        if name not in self:
+            self.__missing__(name)
+
 
 # ---------------------------------------------------------------------------------------------
-# Per-token and per-sample statistics: the one log-prob helper every loss and metric uses.
+# P: per-token and per-sample statistics, the one log-prob helper every loss and metric uses.
 # ---------------------------------------------------------------------------------------------
-
-class _LabelLogProb(torch.autograd.Function):
-    """log softmax(logits)[label] for each row of a (N, V) matrix, in fp32, chunked over rows.
-
-    The naive version, `torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])`, keeps a
-    second (N, V) tensor (in fp32: twice the size of bf16 logits) alive until backward. Here forward
-    saves only the logits, which the model's graph holds anyway, and the log-normaliser (N,);
-    backward recomputes softmax one chunk at a time: d logp_label / d logits = onehot(label) - softmax.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, chunk_rows: int) -> Tensor:
-        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 when given fp64
-        n = logits.shape[0]
-        lse = torch.empty(n, dtype=acc, device=logits.device)
-        for s in range(0, n, chunk_rows):
-            lse[s:s + chunk_rows] = torch.logsumexp(logits[s:s + chunk_rows].to(acc), dim=-1)
-        picked = logits.gather(1, labels[:, None]).squeeze(1).to(acc)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.chunk_rows = chunk_rows
-        return picked - lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        logits, labels, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], ctx.chunk_rows):
-            e = s + ctx.chunk_rows
-            g = grad_out[s:e, None]                                    # (c, 1)
-            chunk = torch.exp(logits[s:e].to(lse.dtype) - lse[s:e, None]).mul_(-g)  # -softmax * g
-            chunk.scatter_add_(1, labels[s:e, None], g)                # + onehot(label) * g
-            grad[s:e] = chunk
-        return grad, None, None
-
 
 def shift_labels(labels: Tensor) -> tuple[Tensor, Tensor]:
     """Next-token targets aligned with the logits that predict them, and the mask of scored ones.
@@ -157,48 +128,17 @@ def _check(**tensors: Tensor | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLAT: f-divergence variational bound between template and forget answers.
+# FLAT (Wang et al., ICLR 2025, Sec. 4): the f-divergence variational bound between the template
+# answer y_e and the forget answer y_f to the same forget question.
 # ---------------------------------------------------------------------------------------------
 
-class _LambertW(torch.autograd.Function):
-    """Principal branch W(z), z >= 0, solving w * exp(w) = z by Halley's method.
-
-    Six iterations from log1p(z) reach float64 round-off on z in [0, 1e6]; dW/dz = W / (z (1 + W)).
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:
-        zd = z.double()
-        w = torch.log1p(zd)
-        for _ in range(6):
-            ew = torch.exp(w)
-            f = w * ew - zd
-            w = w - f / (ew * (w + 1) - (w + 2) * f / (2 * w + 2))
-        w = w.to(z.dtype)
-        ctx.save_for_backward(z, w)
-        return w
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        z, w = ctx.saved_tensors
-        return grad * w / (z * (1 + w))
-
-
-def lambertw(z: Tensor) -> Tensor:
-    """Principal branch of the Lambert W function for z >= 0 (differentiable for z > 0)."""
-    return _LambertW.apply(z)
-
-
 class Divergence(NamedTuple):
-    """f-GAN pair (Nowozin et al. 2016, Table 6): output activation g* and conjugate f*."""
+    """One row of FLAT's Table 2: the divergence's generator f(u) (as text, for the reader), the
+    optimal variational function g* (FLAT's activation on P) and the conjugate f* of f, the f-GAN
+    pairs of Nowozin et al. 2016 (Table 6)."""
+    generator: str
     g: Callable[[Tensor], Tensor]
     f_star: Callable[[Tensor], Tensor]
-
-
-def _jeffrey_conjugate(t: Tensor) -> Tensor:
-    # f(u) = (u - 1) log u  =>  f*(t) = W(e^{1-t}) + 1/W(e^{1-t}) + t - 2, exact (no Taylor series).
-    w = lambertw(torch.exp(1 - t))
-    return w + 1 / w + t - 2
 
 
 # Where this differs from the official FLAT code (UCSC-REAL/FLAT, dataloader.py): there, Reverse-KL
@@ -209,36 +149,38 @@ def _jeffrey_conjugate(t: Tensor) -> Tensor:
 # g* increasing and every f* increasing on g*'s range, so the loss falls when P_e rises and when
 # P_f falls for every divergence; tests/test_flat.py checks this on a grid and checks each f*
 # against a numerical sup_u (t u - f(u)) of its generator f.
-DIVERGENCES = Registry("divergence", {
-    "kl": Divergence(lambda v: v, lambda t: torch.exp(t - 1)),
-    "reverse_kl": Divergence(lambda v: -torch.exp(-v), lambda t: -1 - torch.log(-t)),
-    "pearson": Divergence(lambda v: v, lambda t: t * t / 4 + t),
-    "neyman": Divergence(lambda v: 1 - torch.exp(-v), lambda t: 2 - 2 * torch.sqrt(1 - t)),
-    "squared_hellinger": Divergence(lambda v: 1 - torch.exp(-v), lambda t: t / (1 - t)),
-    "jeffrey": Divergence(lambda v: v, _jeffrey_conjugate),
-    "js": Divergence(lambda v: torch.log(torch.tensor(2.0, dtype=v.dtype, device=v.device)) - F.softplus(-v),
+DIVERGENCES = Choices("divergence", {
+    #                      generator f(u)                    g*(v)                         f*(t)
+    # -- the four rows of the paper's Table 2
+    "kl": Divergence("u log u", lambda v: v, lambda t: torch.exp(t - 1)),
+    "pearson": Divergence("(u - 1)^2", lambda v: v, lambda t: t * t / 4 + t),
+    "js": Divergence("-(u + 1) log((1 + u) / 2) + u log u",
+                     lambda v: torch.log(torch.tensor(2.0, dtype=v.dtype, device=v.device)) - F.softplus(-v),
                      lambda t: -torch.log(2 - torch.exp(t))),
-    "tv": Divergence(lambda v: 0.5 * torch.tanh(v), lambda t: t),
+    "tv": Divergence("|u - 1| / 2", lambda v: 0.5 * torch.tanh(v), lambda t: t),
+    # -- beyond the paper's table: the four further divergences of the official code, with f-GAN signs
+    "reverse_kl": Divergence("-log u", lambda v: -torch.exp(-v), lambda t: -1 - torch.log(-t)),
+    "neyman": Divergence("(1 - u)^2 / u", lambda v: 1 - torch.exp(-v), lambda t: 2 - 2 * torch.sqrt(1 - t)),
+    "squared_hellinger": Divergence("(sqrt(u) - 1)^2", lambda v: 1 - torch.exp(-v), lambda t: t / (1 - t)),
+    "jeffrey": Divergence("(u - 1) log u", lambda v: v, lambda t: _jeffrey_conjugate(t)),
 })
 
 
 def flat_loss(*, p_forget: Tensor, p_template: Tensor, divergence: str = "kl") -> Tensor:
-    """FLAT loss (Wang et al., ICLR 2025, Sec. 4): minus the variational lower bound of the
-    f-divergence D_f(D_e || D_f) between template and forget answers to the same forget question,
+    """FLAT loss (Wang et al., ICLR 2025, Sec. 4 and Table 2): minus the variational lower bound of
+    the f-divergence D_f(D_e || D_f) between template and forget answers to the same forget question,
 
-        L = -( g*(P_e) - f*(g*(P_f)) ),
+        L = -( g*(P_e) - f*(g*(P_f)) ),          FLAT-KL:  L = -( P_e - exp(P_f - 1) ),
 
     the bound sup_T E_{D_e}[T] - E_{D_f}[f*(T)] of f-GAN (Nowozin et al. 2016) with the critic T
     replaced by g*(mean token probability). P is the arithmetic mean of the answer's per-token
-    probabilities (not log-probabilities). The pairs (g*, f*) are the paper's Table 2 ("f-divs,
-    optimal variational g (g*), conjugate functions (f*)"), here in DIVERGENCES: kl, pearson, js and
-    tv are the rows of Table 2; reverse_kl, neyman, squared_hellinger and jeffrey come from the
-    official code, with the f-GAN signs (see DIVERGENCES). The paper's equation numbers could not be
-    checked offline; cite Sec. 4 and Table 2.
+    probabilities (not log-probabilities; SeqStats.prob_mean). The pairs (g*, f*) are DIVERGENCES:
+    kl, pearson, js and tv are the rows of Table 2; reverse_kl, neyman, squared_hellinger and
+    jeffrey come from the official code, with the f-GAN signs.
 
     Its gradient is -lambda_e dP_e + lambda_f dP_f with lambda_e = g*'(P_e) and
     lambda_f = f*'(g*(P_f)) g*'(P_f): learning y_e and forgetting y_f, weighted by the divergence
-    (the paper's "loss adjustment").
+    (the paper's "loss adjustment"; for KL, lambda_e = 1 and lambda_f = exp(P_f - 1)).
 
     Both tensors are keyword-only: they have the same shape, and swapping them trains the model to
     learn the forget answer and forget the template, with no error anywhere.
@@ -360,6 +302,7 @@ def llmu_loss(forget_logp: Tensor, random_logp: Tensor, normal_kl: Tensor,
     return eps1 * forget_logp - eps2 * random_logp + eps3 * normal_kl
 
 
+
 # ---------------------------------------------------------------------------------------------
 # The method table: each loss, what it needs, and how batch statistics map to its arguments.
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +340,7 @@ class Method:
     retain: bool = False           # a retain (normal) example paired with each forget example
     reference: tuple = ()          # streams a frozen copy of the model before unlearning must score
     optional_retain: bool = False  # uses a retain example when params.npo_retain is set
+    name: str = ""                 # its key in LOSSES (stage keys and logs name it)
 
     def needs_retain(self, params: LossParams) -> bool:
         return self.retain or (self.optional_retain and params.npo_retain)
@@ -411,7 +355,7 @@ def _retain_or_none(s: dict, p: LossParams) -> Tensor | None:
 
 
 _RETAINED = ("npo_retain", "retain_weight")
-LOSSES = Registry("loss", {
+_LOSSES = {
     "flat": Method(lambda s, p: flat_loss(p_forget=s["forget"].prob_mean, p_template=s["template"].prob_mean,
                                           divergence=p.divergence),
                    params=("divergence",), template="refusal"),
@@ -436,4 +380,82 @@ LOSSES = Registry("loss", {
     "llmu": Method(lambda s, p: llmu_loss(s["forget"].logp_mean, s["template"].logp_mean, s["retain_kl"],
                                           p.eps1, p.eps2, p.eps3),
                    params=("eps1", "eps2", "eps3"), template="random", retain=True, reference=("retain",)),
-})
+}
+LOSSES = Choices("loss", {name: replace(m, name=name) for name, m in _LOSSES.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical machinery: a memory-lean gather of label log-probabilities, and Lambert W for the
+# Jeffrey conjugate. Correct to round-off (tests/test_flat.py); nothing a reader of the paper needs.
+# ---------------------------------------------------------------------------------------------
+
+class _LabelLogProb(torch.autograd.Function):
+    """log softmax(logits)[label] for each row of a (N, V) matrix, in fp32, chunked over rows.
+
+    The naive version, `torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])`, keeps a
+    second (N, V) tensor (in fp32: twice the size of bf16 logits) alive until backward. Here forward
+    saves only the logits, which the model's graph holds anyway, and the log-normaliser (N,);
+    backward recomputes softmax one chunk at a time: d logp_label / d logits = onehot(label) - softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, chunk_rows: int) -> Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 when given fp64
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=acc, device=logits.device)
+        for s in range(0, n, chunk_rows):
+            lse[s:s + chunk_rows] = torch.logsumexp(logits[s:s + chunk_rows].to(acc), dim=-1)
+        picked = logits.gather(1, labels[:, None]).squeeze(1).to(acc)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.chunk_rows = chunk_rows
+        return picked - lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk_rows):
+            e = s + ctx.chunk_rows
+            g = grad_out[s:e, None]                                    # (c, 1)
+            chunk = torch.exp(logits[s:e].to(lse.dtype) - lse[s:e, None]).mul_(-g)  # -softmax * g
+            chunk.scatter_add_(1, labels[s:e, None], g)                # + onehot(label) * g
+            grad[s:e] = chunk
+        return grad, None, None
+
+
+
+class _LambertW(torch.autograd.Function):
+    """Principal branch W(z), z >= 0, solving w * exp(w) = z by Halley's method.
+
+    Six iterations from log1p(z) reach float64 round-off on z in [0, 1e6]; dW/dz = W / (z (1 + W)).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        zd = z.double()
+        w = torch.log1p(zd)
+        for _ in range(6):
+            ew = torch.exp(w)
+            f = w * ew - zd
+            w = w - f / (ew * (w + 1) - (w + 2) * f / (2 * w + 2))
+        w = w.to(z.dtype)
+        ctx.save_for_backward(z, w)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        z, w = ctx.saved_tensors
+        return grad * w / (z * (1 + w))
+
+
+def lambertw(z: Tensor) -> Tensor:
+    """Principal branch of the Lambert W function for z >= 0 (differentiable for z > 0)."""
+    return _LambertW.apply(z)
+
+
+
+def _jeffrey_conjugate(t: Tensor) -> Tensor:
+    # f(u) = (u - 1) log u  =>  f*(t) = W(e^{1-t}) + 1/W(e^{1-t}) + t - 2, exact (no Taylor series).
+    w = lambertw(torch.exp(1 - t))
+    return w + 1 / w + t - 2

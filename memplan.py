@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-import bench
 import distributed
 import flat
 import models
 import train
-from bench import ARCHS, argv_of, machine, write_text_atomic
+import measure
+from measure import ARCHS, argv_of, machine, write_text_atomic
 from flat import IGNORE_INDEX
 
 
@@ -272,8 +272,8 @@ WORKERS = {"plan": worker_plan, "measure": worker_measure}
 
 
 def spawn(cfg: dict) -> dict:
-    """One planner worker in a fresh process (bench.spawn: same environment and error handling)."""
-    return bench.spawn(cfg, script=Path(__file__))
+    """One planner worker in a fresh process (measure.spawn: the same environment as bench.py's)."""
+    return measure.spawn(cfg, Path(__file__))
 
 
 if __name__ == "__main__":

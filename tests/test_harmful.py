@@ -72,13 +72,13 @@ def test_each_llmu_term_scores_exactly_the_answer_tokens_of_its_stream(llmu_batc
         p.requires_grad_(True)
     params = flat.LossParams(eps1=term[0], eps2=term[1], eps3=term[2])
     got, want = _scored_positions(model, tok, batch, params)
-    rows = {s: slice(2 * i, 2 * i + 2) for i, s in enumerate(data.STREAMS)}
+    rows = {s: slice(2 * i, 2 * i + 2) for i, s in enumerate(s for s in data.STREAMS if s in batch)}
     assert torch.equal(got[rows[stream]], want[rows[stream]])     # its answer tokens, all of them
     assert not got[[i for s, r in rows.items() if s != stream for i in range(r.start, r.stop)]].any()
     # the question is never scored: the positions predicting prompt tokens get no gradient
     assert want[rows[stream]].sum() < want.shape[1] * 2
     # rows were padded (different lengths), and padding positions get no gradient either
-    full = data.collate([r for s in data.STREAMS for r in batch[s]], tok.pad_token_id)
+    full = data.collate([r for s in data.STREAMS if s in batch for r in batch[s]], tok.pad_token_id)
     assert (full["attention_mask"] == 0).any()
 
 
@@ -247,9 +247,9 @@ def test_llmu_ga_and_flat_run_end_to_end_with_one_shared_original(tiny_model_dir
 def test_malformed_pku_data_names_the_file_and_line(tiny_model_dir, tmp_path, capsys):
     d = tmp_path / "data"
     d.mkdir()
-    for f in (ROOT / "data" / "harmful" / "pku_saferlhf").glob("*.jsonl"):
+    for f in (ROOT / "vendored" / "harmful" / "pku_saferlhf").glob("*.jsonl"):
         (d / f.name).write_bytes(f.read_bytes())
-    (d / "TruthfulQA.csv").write_bytes((ROOT / "data" / "harmful" / "truthfulqa" / "TruthfulQA.csv").read_bytes())
+    (d / "TruthfulQA.csv").write_bytes((ROOT / "vendored" / "harmful" / "truthfulqa" / "TruthfulQA.csv").read_bytes())
     (d / "forget.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": "q"}\n')
     import run_harmful
     with pytest.raises(SystemExit) as e:

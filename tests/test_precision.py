@@ -63,7 +63,7 @@ def test_autocast_really_computes_in_bf16_on_cpu():
 
 def test_resolve_compute_decides_once_and_rejects_unknown_devices():
     c = models.resolve_compute("cpu")
-    assert (c.precision, c.checkpointing, c.train_dtype, c.eval_dtype) == ("fp32", False, torch.float32, torch.float32)
+    assert (c.precision, c.gradient_checkpointing, c.train_dtype, c.eval_dtype) == ("fp32", False, torch.float32, torch.float32)
     assert models.resolve_compute("cpu", "mixed").eval_dtype == torch.bfloat16
     for device in ("foo", "cuda:7" if not torch.cuda.is_available() else "cuda:999"):
         with pytest.raises(ValueError, match="device"):

@@ -27,9 +27,13 @@ class Counter(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(()))
 
 
-def loss_fn(model, batch):
+def loss_fn(model, batch, method=None, params=None, pad_id=0, ref=None):
+    """Stands in for train.batch_loss: the loop calls it by name with the same arguments."""
     x = torch.tensor([r["x"] for r in batch["answer"]], dtype=torch.float32)
     return model.w * x, {"p_answer": x}
+
+
+TOK = SimpleNamespace(pad_token_id=0)
 
 
 def epochs_of(n, rows_per_step, epochs):
@@ -42,15 +46,16 @@ ARGS = SimpleNamespace(weight_decay=0.0, warmup_epochs=1.0, max_grad_norm=1e9, l
 
 
 @pytest.mark.parametrize("n,bs,accum,epochs,max_steps", GRID)
-def test_steps_taken_equal_steps_planned_and_the_schedule_ends_at_zero(n, bs, accum, epochs, max_steps):
+def test_steps_taken_equal_steps_planned_and_the_schedule_ends_at_zero(n, bs, accum, epochs, max_steps, monkeypatch):
     per_epoch = math.ceil(n / (bs * accum))
     planned = min(per_epoch * epochs, max_steps or per_epoch * epochs)
     plan = train.plan_steps(epochs_of(n, bs * accum, epochs), bs, max_steps)
     assert len(plan.steps) == planned and plan.steps_per_epoch == per_epoch
     taken = []
+    monkeypatch.setattr(train, "batch_loss", loss_fn)
     hook = register_optimizer_step_post_hook(lambda opt, *a: taken.append(1))
     try:
-        log, _ = train.train(Counter(), plan, loss_fn, 0.1, ARGS, "test", models.resolve_compute("cpu"))
+        log, _ = train.train(Counter(), TOK, plan, train.FINETUNE, None, 0.1, ARGS, models.resolve_compute("cpu"), "test")
     finally:
         hook.remove()
     assert len(taken) == planned                     # every planned step is taken, no more
@@ -122,7 +127,7 @@ RUNNERS = [run_tofu, run_hp, run_harmful]  # each trains a finetune and an unlea
 
 def _keys(args, method="flat"):
     m = flat.LOSSES[method]
-    params = m.read_params(flags.loss_params(args))
+    params = m.read_params(flags.loss_params(args))  # what run.stage("unlearn", ...) is given
     return {stage: stages.stage_key(args, stage, CPU, **({"params": params} if stage == "unlearn" else {}))
             for stage in ("finetune", "unlearn", "eval")}
 
