@@ -225,8 +225,10 @@ def prefix_row(ids: list[int], prompt_tokens: int, answer: list[int] | None = No
 
 
 def text_row(ids: list[int]) -> dict:
-    """Plain language modelling: every token after the first is scored."""
-    return {"input_ids": ids, "labels": list(ids)}
+    """Plain language modelling: every token after the first is scored. The first is labelled
+    IGNORE_INDEX explicitly: in a left-padded batch with a longer row (MUSE-News's last, shorter
+    chunk) it would otherwise be predicted from a padding position."""
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] + list(ids[1:])}
 
 
 def chunk_unlearning_epoch(forget: list[list[int]], prompt_tokens: int, templates: list[list[int]] | None,

@@ -39,6 +39,8 @@ def check_file(path: str | Path) -> Path:
         raise DataError(f"{path}: file not found")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a file")
+    if not path.is_file():  # a FIFO or a device: reading it could block for ever
+        raise DataError(f"{path}: is not a regular file (a pipe or a device)")
     return path
 
 
@@ -189,6 +191,23 @@ def prompt_and_answer(tokenizer, style: str, question: str, answer: str) -> tupl
 def encode_prompt(tokenizer, style: str, question: str) -> list[int]:
     prompt, _ = prompt_and_answer(tokenizer, style, question, "")
     return tokenizer(prompt, add_special_tokens=style != "chat-template").input_ids
+
+
+def check_context(tokenizer, style: str, rows: list[dict], answers: list[str], context: int | None,
+                  new_tokens: int = 0) -> None:
+    """Before any work: every question with its longest answer (of `rows`' answer fields and the
+    template `answers`), and every prompt followed by `new_tokens` generated ones, fits the model's
+    context; a longer one would crash (or be cut) in the middle of a run."""
+    if context is None:
+        return
+    need = lambda q, a: len(encode_qa(tokenizer, style, q, a)["input_ids"])  # noqa: E731
+    longest_q = max((r["question"] for r in rows), key=len)
+    for q, candidates in [(r["question"], [r["answer"], r.get("paraphrased_answer", ""), *r.get("perturbed_answer", [])])
+                          for r in rows] + [(longest_q, answers)]:
+        n = max([need(q, a) for a in candidates] + [len(encode_prompt(tokenizer, style, q)) + new_tokens])
+        if n > context:
+            raise DataError(f"the question {q[:60]!r} with an answer or {new_tokens} generated tokens needs {n} "
+                            f"tokens; the model reads at most {context}")
 
 
 def encode_qa(tokenizer, style: str, question: str, answer: str, eos: bool = True,

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 import torch
+from tqdm.auto import tqdm
 
 import data
+import distributed
 import mia
 from flat import IGNORE_INDEX, sequence_stats, shift_labels, token_logprobs
-from models import answer_logits, position_ids
+from models import answer_logits, cache_kwarg, position_ids
 
 # ---------------------------------------------------------------------------------------------
 # Pure metric functions
@@ -169,7 +171,8 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list[list[str]],
-               rows_per_batch: int = 32, eos: bool = True, details: bool = False) -> list[list]:
+               rows_per_batch: int = 32, eos: bool = True, details: bool = False, desc: str = "scoring answers"
+               ) -> list[list]:
     """Mean token NLL (answer tokens and EOS; eos=False: answer tokens only) of each answer to its question.
 
     answers[i] holds any number of answers to questions[i]. The prompts of a batch of items go
@@ -177,6 +180,7 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
     cache, so a question shared by seven answers (TOFU's forget set) is computed once, not seven
     times. Items are sorted by length so that batches pad little. Returns nll[i][j] for answers[i][j];
     with details=True, {"nll", "logp", "z", "hit"} instead (see token_details), from the same pass.
+    A progress bar (desc) counts the questions.
     """
     was_training = model.training
     model.eval()
@@ -195,6 +199,7 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
             current = []
         current.append(i)
     batches += [current] if current else []
+    bar = tqdm(total=len(prompts), desc=desc, leave=False, disable=not distributed.is_main())
     for items in batches:
         p = {k: v.to(device) for k, v in data.collate([{"input_ids": prompts[i]} for i in items],
                                                       tokenizer.pad_token_id).items()}
@@ -202,7 +207,7 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
         pre = model(input_ids=p["input_ids"], attention_mask=p["attention_mask"], position_ids=p_pos,
                     use_cache=True, logits_to_keep=1)
         owner = torch.tensor([n for n, i in enumerate(items) for _ in replies[i]], device=device)  # (R,)
-        cache = pre.past_key_values
+        cache = getattr(pre, "cache", None) or pre.past_key_values   # transformers >= 5.25: `cache`
         cache.batch_select_indices(owner)  # one copy of the prompt's cache per answer
         a = {k: v.to(device) for k, v in data.collate(
             [{"input_ids": r, "labels": r} for i in items for r in replies[i]], tokenizer.pad_token_id,
@@ -210,7 +215,7 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
         a_pos = p_pos[owner, -1:] + 1 + torch.arange(a["input_ids"].shape[1], device=device)
         logits = model(input_ids=a["input_ids"], attention_mask=torch.cat([p["attention_mask"][owner],
                                                                            a["attention_mask"]], 1),
-                       position_ids=a_pos, past_key_values=cache).logits           # (R, A, V)
+                       position_ids=a_pos, **cache_kwarg(model, cache)).logits  # (R, A, V)
         # The prompt's last position predicts the first answer token: prepend it, and an ignored label.
         logits = torch.cat([pre.logits[owner], logits], 1)                          # (R, A + 1, V)
         labels = torch.nn.functional.pad(a["labels"], (1, 0), value=IGNORE_INDEX)
@@ -219,6 +224,8 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
             nll = [{"nll": n, **d} for n, d in zip(nll, token_details(logits, labels))]
         for i in items:
             out[i], nll = nll[:len(replies[i])], nll[len(replies[i]):]
+        bar.update(len(items))
+    bar.close()
     model.train(was_training)
     return out
 
@@ -263,16 +270,16 @@ def token_details(logits: torch.Tensor, labels: torch.Tensor) -> list[dict]:
 
 
 def generate(model, tokenizer, style: str, questions: list[str], max_new_tokens: int = 200,
-             batch_size: int = 32) -> list[str]:
+             batch_size: int = 32, desc: str = "generating") -> list[str]:
     """Greedy answers, batched with left padding and the KV cache; each stops at EOS."""
     prompts = [data.encode_prompt(tokenizer, style, q) for q in questions]
     return [tokenizer.decode(g, skip_special_tokens=True).strip()
-            for g in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)]
+            for g in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, desc)]
 
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int | list[int],
-                 batch_size: int = 32) -> list[list[int]]:
+                 batch_size: int = 32, desc: str = "generating") -> list[list[int]]:
     """Greedy continuations (token ids) of token-id prompts, batched by length with left padding and
     the KV cache. Each stops at EOS (not included) or at its cap: max_new_tokens, one per prompt or
     one for all (a continuation is capped at its reference's length)."""
@@ -281,6 +288,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc=desc, leave=False, disable=not distributed.is_main())
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         b = {k: v.to(_device(model)) for k, v in data.collate([{"input_ids": prompts[i]} for i in idx],
@@ -292,21 +300,26 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
             if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id)]
             out[i] = row
+        bar.update(len(idx))
+    bar.close()
     model.train(was_training)
     return out
 
 
 @torch.no_grad()
-def text_scores(model, chunks: list[list[int]], pad_id: int, batch_size: int = 8) -> list[dict]:
+def text_scores(model, chunks: list[list[int]], pad_id: int, batch_size: int = 8, desc: str = "scoring texts"
+                ) -> list[dict]:
     """Language-modelling scores of token-id texts, every token after a text's first scored: per text
     {"nll": mean token NLL, "n": tokens scored, "logp": per-token log-probabilities} (what the
     membership-inference attacks of mia.py read; MUSE scores PrivLeak texts this way)."""
     was_training = model.training
     model.eval()
     out = []
-    for s in range(0, len(chunks), batch_size):
-        b = {k: v.to(_device(model)) for k, v in data.collate([{"input_ids": c, "labels": c} for c in chunks[s:s + batch_size]],
-                                                               pad_id).items()}
+    for s in tqdm(range(0, len(chunks), batch_size), desc=desc, leave=False, disable=not distributed.is_main()):
+        # A text's first token has no context of its own: unscored, or a shorter text of a left-padded
+        # batch would score it from a padding position.
+        rows = [{"input_ids": c, "labels": [IGNORE_INDEX] + list(c[1:])} for c in chunks[s:s + batch_size]]
+        b = {k: v.to(_device(model)) for k, v in data.collate(rows, pad_id).items()}
         logp, mask = token_logprobs(*answer_logits(model, b))                 # (B, k) each
         for lp, m in zip(logp, mask):
             lp = lp[m]
@@ -346,8 +359,9 @@ def evaluate_tofu_set(model, tokenizer, style: str, name: str, rows: list[dict],
     with_para = correct_key != "answer"  # else multiple choice
     answers = [[r["answer"]] + ([r[correct_key]] if with_para else []) + list(r["perturbed_answer"]) for r in rows]
     details = is_forget and nll_fn is answer_nll
+    ours = {"desc": f"{name}: scoring"} if nll_fn is answer_nll else {}
     nll = nll_fn(model, tokenizer, style, questions, answers, rows_per_batch=max(1, batch_size // 2),
-                 **({"details": True} if details else {}))
+                 **({"details": True} if details else {}), **ours)
     if details:
         token_stats = [n[0] for n in nll]
         nll = [[d["nll"] for d in n] for n in nll]
@@ -356,7 +370,8 @@ def evaluate_tofu_set(model, tokenizer, style: str, name: str, rows: list[dict],
     perturbed = np.array([n[2 if with_para else 1:] for n in nll])
     r = truth_ratio(correct, perturbed)
     p = np.exp(-gt) if with_para else np.exp(-gt) / (np.exp(-gt) + np.exp(-perturbed).sum(1))
-    gens = generate_fn(model, tokenizer, style, questions, max_new_tokens, batch_size)
+    gens = generate_fn(model, tokenizer, style, questions, max_new_tokens, batch_size,
+                       **({"desc": f"{name}: generating"} if generate_fn is generate else {}))
     rouge = np.array(rouge_l_recall(gens, [r["answer"] for r in rows]))
     prob_key = f"{name}_Q_A_Prob" + ("" if with_para else "_normalised")
     tr_key = "forget_truth_ratio" if is_forget else f"{name}_Truth_Ratio"
@@ -399,7 +414,7 @@ def evaluate_tofu(model, tokenizer, style: str, sets: dict[str, list[dict]], max
             summary[f"mia_{a}"] = mia.mia_auc(scores["forget"][a], scores["holdout"][a])
         logs["forget"]["exact_memorization"] = [mia.exact_memorization(d["hit"]) for d in forget]
         logs["forget"]["extraction_strength"] = [mia.extraction_strength(d["hit"]) for d in forget]
-        summary["exact_memorization"] = float(np.mean(logs["forget"]["exact_memorization"]))
+        summary["exact_memorization"] = mia.mean_defined(logs["forget"]["exact_memorization"])
         summary["extraction_strength"] = float(np.mean(logs["forget"]["extraction_strength"]))
     elif "forget" in logs:
         logs["forget"].pop("details", None)

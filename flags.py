@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import distributed
@@ -33,6 +35,9 @@ POSITIVE = Check(lambda v: v > 0, "> 0")
 NON_NEGATIVE = Check(lambda v: v >= 0, ">= 0")
 AT_LEAST_1 = Check(lambda v: v >= 1, ">= 1")
 FRACTION = Check(lambda v: 0 < v < 1, "in (0, 1)")
+# A learning rate is multiplied into fp32 (and bf16, same exponent range) updates: past 3.4e38 it overflows.
+LEARNING_RATE = Check(lambda v: 0 < v <= 3.4e38, "in (0, 3.4e38] (a float32 number)")
+SEED = Check(lambda v: 0 <= v < 2**32, "in [0, 2^32) (numpy's and torch's seed range)")
 
 
 def one_of(*names: str) -> Check:
@@ -66,7 +71,7 @@ class RunArgs(flat.LossParams):
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward (default: on for CUDA)",
                                               only=())
     trust_remote_code: bool = arg(False, "allow model code from the Hub", only=())
-    seed: int = arg(0, "seed of data order and random draws")
+    seed: int = arg(0, "seed of data order and random draws", check=SEED)
     log_every: int = arg(5, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
 
 
@@ -87,8 +92,8 @@ def parse_args(cls, argv=None):
         kwargs = dict(default=default, dest=f.name, help=f"{f.metadata.get('help', '')} (default: {shown})")
         if typ is bool:
             kwargs.update(type=_boolean, nargs="?", const=True)
-        elif typing.get_origin(typ) is list:
-            kwargs.update(type=typing.get_args(typ)[0], nargs="*")
+        elif typing.get_origin(typ) is list:  # --text A B and --text A --text B both give [A, B]
+            kwargs.update(type=typing.get_args(typ)[0], nargs="+", action="extend")
         else:
             kwargs.update(type=typ)
         names = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])
@@ -114,9 +119,10 @@ def validate(args) -> None:
         value, check = getattr(args, f.name), f.metadata.get("check")
         if check is None or value is None:
             continue
+        ok, says = check  # a Check, or flat's (test, text) pair for the loss hyperparameters
         bad_number = isinstance(value, float) and not math.isfinite(value)
-        if bad_number or not check.ok(value):
-            raise UsageError(f"--{f.name.replace('_', '-')} {value}: must be {check.says}")
+        if bad_number or not ok(value):
+            raise UsageError(f"--{f.name.replace('_', '-')} {value}: must be {says}")
 
 
 def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | None = None):
@@ -130,12 +136,50 @@ def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | Non
     validate(args)
     flat.DIVERGENCES.check(args.divergence)
     methods(args)
-    models.check_name(args.model)
+    models.check_name(args.model, args.trust_remote_code)
+    new_tokens = getattr(args, "max_new_tokens", None)
+    context = new_tokens and models.context_length(args.model, args.trust_remote_code)
+    if context and new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {new_tokens}: {args.model} reads at most {context} tokens, the prompt "
+                         f"included")
     if args.eval_every and distributed.launched():
         raise UsageError("--eval-every runs in one process only (evaluation is not sharded)")
+    if args.out:
+        check_out_dir(Path(args.out), args)
     if check is not None:
         check(args)
     return args
+
+
+INPUT_FLAGS = ("model", "target_model", "retain_model", "retain_logs", "data_dir", "text", "judge", "similarity")
+
+
+def check_out_dir(out: Path, args=None) -> None:
+    """Fail unless `out` is, or can be created as, a writable directory (nothing is created here) that
+    neither is nor contains an input the flags name (a model directory, a book, a data directory):
+    the run writes config.json and results there, which would overwrite a model's own config."""
+    for name in INPUT_FLAGS:
+        value = getattr(args, name, None)
+        for given in value if isinstance(value, list) else [value]:
+            if isinstance(given, str) and os.path.exists(given):
+                p, o = Path(given).resolve(), out.resolve()
+                if p == o or o in p.parents:
+                    raise UsageError(f"--out {out}: it holds --{name.replace('_', '-')} {given}; pass another --out")
+    if any(len(part.encode()) > 255 for part in out.parts):
+        raise UsageError(f"--out {out}: a name in it is longer than 255 bytes")
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out}: a symbolic link to nothing ({os.readlink(out)})")
+    p = out
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p == out and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if not p.is_dir():
+        raise UsageError(f"--out {out}: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {p} is not writable")
 
 
 def loss_params(args) -> flat.LossParams:

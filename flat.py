@@ -307,23 +307,33 @@ def llmu_loss(forget_logp: Tensor, random_logp: Tensor, normal_kl: Tensor,
 # The method table: each loss, what it needs, and how batch statistics map to its arguments.
 # ---------------------------------------------------------------------------------------------
 
-def _param(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _param(default, help: str, valid: tuple[Callable[[float], bool], str] | None = None):
+    """A loss hyperparameter: its default, its help, and its valid range (a test and how to say it),
+    checked with every other flag before any work (flags.validate); non-finite numbers always fail."""
+    return field(default=default, metadata={"help": help, "check": valid})
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 
 
 @dataclass
 class LossParams:
     """Hyperparameters of the losses. The runners' flag dataclasses extend this one, so each field
-    is a flag of the same name with this help text (--divergence, --beta, ...)."""
+    is a flag of the same name with this help text (--divergence, --beta, ...) and range."""
     divergence: str = _param("kl", "flat: FLAT's f-divergence, a key of flat.DIVERGENCES")
-    beta: float = _param(0.1, "dpo, npo: inverse temperature beta")
-    simnpo_beta: float = _param(2.5, "simnpo: beta (SimNPO paper, TOFU setting)")
-    simnpo_delta: float = _param(0.0, "simnpo: reward margin")
-    retain_weight: float = _param(1.0, "weight of the retain term in gd, kl, idk (npo, simnpo with --npo-retain)")
+    beta: float = _param(0.1, "dpo, npo: inverse temperature beta (> 0: the loss is (2/beta) log sigma(beta "
+                              "...); beta < 0 would prefer the forget answer)", _POSITIVE)
+    simnpo_beta: float = _param(2.5, "simnpo: beta (SimNPO paper, TOFU setting; > 0, as for npo)", _POSITIVE)
+    simnpo_delta: float = _param(0.0, "simnpo: reward margin (any finite value)", (lambda v: True, "finite"))
+    retain_weight: float = _param(1.0, "weight of the retain term in gd, kl, idk (npo, simnpo with --npo-retain); "
+                                       ">= 0: a negative weight would make the retain term a second forget term",
+                                  _NON_NEGATIVE)
     npo_retain: bool = _param(False, "npo, simnpo: add the retain NLL (NPO+RT)")
-    eps1: float = _param(0.5, "llmu: weight of gradient ascent on the forget answers")
-    eps2: float = _param(1.0, "llmu: weight of the random-answer (mismatch) NLL")
-    eps3: float = _param(1.0, "llmu: weight of the KL to the original model on normal data")
+    eps1: float = _param(0.5, "llmu: weight of gradient ascent on the forget answers (>= 0: Yao et al.'s "
+                              "weights only scale their terms; a negative one flips it)", _NON_NEGATIVE)
+    eps2: float = _param(1.0, "llmu: weight of the random-answer (mismatch) NLL (>= 0)", _NON_NEGATIVE)
+    eps3: float = _param(1.0, "llmu: weight of the KL to the original model on normal data (>= 0)", _NON_NEGATIVE)
 
 
 @dataclass(frozen=True)

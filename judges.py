@@ -182,7 +182,7 @@ def harm_judge(args, out: Path, forget: list[dict], held_out: list[dict], comput
     key = dict(model=args.model, layer=layer, l2=args.judge_l2, precision=compute.precision,
                rows=data.digest(train_rows, eval_rows, offtopic_rows))
     cache = stages.stage_dir(out, "judge-probe", key).with_suffix(".json")
-    probe = stages.read_cache(cache)
+    probe = stages.read_cache(cache, required=("mean", "std", "w", "b", "eval_accuracy", "eval_auc"))
     if probe is None:
         feats = lambda rows: pooled_features(model, tok, style, [r[0] for r in rows],  # noqa: E731
                                              [r[1] for r in rows], layer)

@@ -80,10 +80,18 @@ def privleak(auc: float, auc_retain: float) -> float:
     return float(((1 - auc) - ref) / (ref + 1e-10) * 100)
 
 
-def exact_memorization(hits) -> float:
-    """Share of answer tokens (EOS excluded) where the model's teacher-forced argmax is the token."""
+def exact_memorization(hits) -> float | None:
+    """Share of answer tokens (EOS excluded) where the model's teacher-forced argmax is the token;
+    None (undefined) for an answer without tokens, as open-unlearning's mean over none is NaN."""
     h = np.asarray(hits, float)
-    return float(h.mean()) if len(h) else 0.0
+    return float(h.mean()) if len(h) else None
+
+
+def mean_defined(values) -> float | None:
+    """The mean of the values that are defined (not None), None when none is: open-unlearning's
+    nan-skipping mean of per-item scores."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
 
 
 def extraction_strength(hits) -> float:

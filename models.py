@@ -166,6 +166,14 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return logits, labels[:, -k:]
 
 
+def cache_kwarg(model, cache) -> dict:
+    """The keyword a forward pass takes a KV cache by: `cache` from transformers 5.25 on (which warns
+    that `past_key_values`, the name before, will be removed), `past_key_values` in older versions."""
+    import inspect
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from each row's first real token, so left padding shifts nothing.
     Shape: attention_mask (B, T) -> (B, T)."""
@@ -185,12 +193,79 @@ def frozen_copy(model):
 
 # ---------------------------------------------------------------------------------------------
 
-def check_name(name: str) -> None:
-    """Fail, listing the aliases, unless name is an alias, a model directory or an org/name Hub id."""
-    if name not in MODELS:
-        path = _resolve(name)
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-            raise ModelLoadError(f"{name!r} is a directory but not a model: it has no config.json")
+def check_name(name: str, trust_remote_code: bool = False, causal: bool = True) -> None:
+    """Fail, listing the aliases, unless name is an alias, a model directory that would load (see
+    check_model_dir; causal=False for a judge or an embedding model: its parameters are not compared
+    with a causal LM's), or an org/name Hub id that is cached locally or reachable. Loads no weights."""
+    if name in MODELS:
+        return
+    path = _resolve(name)
+    if os.path.isdir(path):
+        check_model_dir(path, trust_remote_code, causal)
+    elif not _in_hub_cache(path) and not hub_reachable():
+        raise ModelLoadError(f"{name!r}: not a directory, not in the local Hugging Face cache, and the Hub is "
+                             f"unreachable from this machine; download it where the Hub is reachable and pass "
+                             f"the directory")
+
+
+def check_model_dir(path: str, trust_remote_code: bool = False, causal: bool = True) -> None:
+    """What loading a model directory needs, checked without loading its weights: a config.json that
+    parses and names an architecture transformers knows; safetensors weights (pickled weights are
+    refused) whose headers parse and that hold every parameter of that architecture (weights that
+    match nothing would otherwise load as a random initialisation); a tokenizer with a pad or an EOS
+    token. Raises ModelLoadError naming the directory and what is wrong."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    where = f"{path!r} is a directory but not a model"
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"{where}: it has no config.json")
+    try:
+        raw = json.loads(Path(path, "config.json").read_text(encoding="utf-8"))
+        if not isinstance(raw, dict) or "model_type" not in raw:
+            raise ValueError("no model_type")
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelLoadError(f"{where}: its config.json does not describe a model ({str(e).splitlines()[0]})") from None
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in Path(path).glob("*.bin")] + [p.name for p in Path(path).glob("*.pt")]
+        raise ModelLoadError(f"{where}: no *.safetensors weights" + (f" ({', '.join(pickled)} are pickled: "
+                             f"this project loads safetensors only)" if pickled else ""))
+    keys = set()
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as st:
+                keys.update(st.keys())
+        except Exception as e:  # any header or size error: the file is damaged
+            raise ModelLoadError(f"{where}: {f.name} is damaged ({str(e).splitlines()[0]})") from None
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code) if causal else None
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"{where}: {config.model_type} is not a causal language model ({e})") from None
+    tied = set(getattr(skeleton, "_tied_weights_keys", None) or ()) if getattr(config, "tie_word_embeddings",
+                                                                              False) else set()
+    expected = {k for k, _ in skeleton.named_parameters()} - tied if causal else set()
+    missing = sorted(expected - keys)
+    if missing:
+        raise ModelLoadError(f"{where}: its weights lack {len(missing)} of the {len(expected)} parameters of "
+                             f"its config (e.g. {missing[0]})")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, TypeError) as e:
+        raise ModelLoadError(f"{where}: its tokenizer does not load ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None and tok.eos_token_id is None:
+        raise ModelLoadError(f"{where}: its tokenizer has neither a pad nor an EOS token")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the cache cannot even look up
+        return False
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

@@ -31,7 +31,7 @@ import judges
 import models
 import stages
 import train
-from flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg, one_of
+from flags import AT_LEAST_1, NON_NEGATIVE, LEARNING_RATE, arg, one_of
 
 
 @dataclass
@@ -43,12 +43,13 @@ class Args(flags.RunArgs):
     forget_items: Optional[int] = arg(None, "use the first N forget pairs (default: all)", check=AT_LEAST_1)
     steps: Optional[int] = arg(None, "unlearning optimiser steps (the forget pairs are shuffled and cycled)",
                                only=("unlearn",), check=AT_LEAST_1)
-    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=POSITIVE)
+    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=LEARNING_RATE)
     batch_size: Optional[int] = arg(None, "forget pairs per micro-batch", check=AT_LEAST_1)
     grad_accum: int = arg(1, "micro-batches per optimiser step", check=AT_LEAST_1)
     finetune_epochs: Optional[int] = arg(None, "first fine-tune the base model on the forget pairs (0: no)",
                                          check=NON_NEGATIVE)
-    finetune_lr: Optional[float] = arg(None, "learning rate of that fine-tuning", only=("finetune",), check=POSITIVE)
+    finetune_lr: Optional[float] = arg(None, "learning rate of that fine-tuning", only=("finetune",),
+                                       check=LEARNING_RATE)
     max_answer_tokens: Optional[int] = arg(None, "cut training answers after N tokens (default: no cut)",
                                            check=AT_LEAST_1)
     warmup_epochs: float = arg(0.0, "linear warmup in epochs of the forget pairs (Yao et al.: 0)", check=NON_NEGATIVE)
@@ -64,7 +65,8 @@ class Args(flags.RunArgs):
                                  only=("eval",), check=AT_LEAST_1)
     judge_eval_items: int = arg(300, "probe: labelled responses to held-out prompts it is measured on",
                                 only=("eval",), check=AT_LEAST_1)
-    judge_l2: float = arg(1.0, "probe: L2 penalty of the logistic regression", only=("eval",), check=NON_NEGATIVE)
+    judge_l2: float = arg(1.0, "probe: L2 penalty of the logistic regression (in [0, 1e6]: past that the fit "
+                               "overflows)", only=("eval",), check=flags.Check(lambda v: 0 <= v <= 1e6, "in [0, 1e6]"))
     similarity: str = arg("rouge", "hallucination: 'rouge' (ROUGE-L F1), 'hidden' (the base model's mean-pooled "
                                    "hidden states) or a sentence-embedding model path/id", only=("eval",))
     data_dir: Optional[str] = arg(None, "harmful: directory with forget.jsonl, eval_prompts.jsonl and TruthfulQA.csv; "
@@ -284,7 +286,7 @@ def similarity_judge(run: stages.Run, d: dict):
 
 def check_harmful(args: Args) -> None:
     if args.judge != "probe":
-        models.check_name(args.judge)
+        models.check_name(args.judge, args.trust_remote_code, causal=False)
     elif args.judge_layer is not None:
         n_layers = models.model_config(args.model, args.trust_remote_code).num_hidden_layers
         if not -n_layers - 1 <= args.judge_layer <= n_layers:
@@ -294,7 +296,7 @@ def check_harmful(args: Args) -> None:
 
 def check_hallucination(args: Args) -> None:
     if args.similarity not in ("rouge", "hidden"):
-        models.check_name(args.similarity)
+        models.check_name(args.similarity, args.trust_remote_code, causal=False)
 
 
 def check(args: Args) -> None:

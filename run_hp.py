@@ -36,7 +36,7 @@ import mia
 import models
 import stages
 import train
-from flags import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, arg, one_of
+from flags import AT_LEAST_1, FRACTION, NON_NEGATIVE, LEARNING_RATE, arg, one_of
 
 
 @dataclass
@@ -63,12 +63,12 @@ class Args(flags.RunArgs):
                                         only=("eval",), check=AT_LEAST_1)
     ppl_chunks: int = arg(16, "WikiText-2 and held-out-book chunks scored for perplexity", only=("eval",),
                           check=AT_LEAST_1)
-    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=POSITIVE)
+    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=LEARNING_RATE)
     epochs: Optional[int] = arg(None, "unlearning epochs over the forget chunks", only=("unlearn",), check=AT_LEAST_1)
     batch_size: Optional[int] = arg(None, "chunks per micro-batch", check=AT_LEAST_1)
     grad_accum: Optional[int] = arg(None, "micro-batches per optimiser step", check=AT_LEAST_1)
     finetune_lr: Optional[float] = arg(None, "learning rate of the original model's fine-tuning",
-                                       only=("finetune",), check=POSITIVE)
+                                       only=("finetune",), check=LEARNING_RATE)
     finetune_epochs: Optional[int] = arg(None, "epochs of that fine-tuning", only=("finetune",), check=AT_LEAST_1)
     warmup_epochs: float = arg(0.0, "linear warmup in epochs, then linear decay to 0", check=NON_NEGATIVE)
     eval_batch_size: int = arg(16, "prompts per generation batch", only=("eval",), check=AT_LEAST_1)

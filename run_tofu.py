@@ -25,7 +25,7 @@ import mia
 import models
 import stages
 import train
-from flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, arg
+from flags import AT_LEAST_1, NON_NEGATIVE, LEARNING_RATE, arg
 
 
 @dataclass
@@ -43,12 +43,12 @@ class Args(flags.RunArgs):
     eval_items: Optional[int] = arg(None, "score at most N items of the retain, real-author and world-fact sets "
                                           "(and of every set in in-training evaluations)", only=("eval",),
                                     check=AT_LEAST_1)
-    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=POSITIVE)
+    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=LEARNING_RATE)
     epochs: Optional[int] = arg(None, "unlearning epochs over the forget set", only=("unlearn",), check=AT_LEAST_1)
     batch_size: Optional[int] = arg(None, "examples per micro-batch (in every training stage)", check=AT_LEAST_1)
     grad_accum: Optional[int] = arg(None, "micro-batches per optimiser step", check=AT_LEAST_1)
     finetune_lr: Optional[float] = arg(None, "learning rate of the target and retain fine-tuning",
-                                       only=("finetune",), check=POSITIVE)
+                                       only=("finetune",), check=LEARNING_RATE)
     finetune_epochs: Optional[int] = arg(None, "epochs of the target and retain fine-tuning", only=("finetune",),
                                          check=AT_LEAST_1)
     warmup_epochs: float = arg(1.0, "linear warmup length in epochs, then linear decay to 0 (TOFU: 1)",
@@ -80,8 +80,10 @@ def resolve(args: Args) -> Args:
 
 
 def check(args: Args) -> None:
+    if args.retain_logs and args.retain_model:
+        raise flags.UsageError("--retain-logs and --retain-model both name the retain model's evaluation; pass one")
     for name in filter(None, [args.target_model, args.retain_model]):
-        models.check_name(name)
+        models.check_name(name, args.trust_remote_code)
     data.SPLITS.check(args.split)
 
 
@@ -94,9 +96,11 @@ def main(argv=None) -> dict:
     idk = data.load_idk(args.data_dir)
     eval_sets = tofu_eval_sets(args)
     retain_logs = args.retain_logs and evaluate.read_retain_logs(args.retain_logs, eval_sets["forget"], args.split)
-    run = stages.Run(args, f"runs/tofu-{stages.safe_name(args.model)}-{args.split}")
     tok = models.load_tokenizer(args.model, args.trust_remote_code)  # every model of the run shares it
     style = models.prompt_style(args.model, tok)
+    data.check_context(tok, style, forget + retain + [r for s in eval_sets.values() for r in s], idk,
+                       models.context_length(args.model, args.trust_remote_code), args.max_new_tokens)
+    run = stages.Run(args, f"runs/tofu-{stages.safe_name(args.model)}-{args.split}")
     run.say(f"[tofu] {args.model} | {args.split} ({len(forget)} forget QA) | retain {len(retain)} QA | "
             f"{run.compute.device} {run.compute.precision} | {run.world} process(es), {run.rows_per_step} "
             f"examples per step | out {run.out}")

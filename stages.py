@@ -12,6 +12,7 @@ guard that turns known failures into one `error:` line. What each guarantees: do
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -32,24 +33,10 @@ import torch
 import data
 import distributed
 import flat
+import flags
 import models
 import plots
 from flags import UsageError
-
-
-def check_out_dir(out: Path) -> None:
-    """Fail unless `out` is, or can be created as, a writable directory (nothing is created here)."""
-    p = out
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
-    if p == out and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
-    if not p.is_dir():
-        raise UsageError(f"--out {out}: {p} is not a directory")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {p} is not writable")
 
 
 def setup_run(args, default_out: str) -> tuple[Path, models.Compute]:
@@ -61,7 +48,7 @@ def setup_run(args, default_out: str) -> tuple[Path, models.Compute]:
         compute = models.resolve_compute(args.device, args.precision, args.gradient_checkpointing)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    check_out_dir(out)
+    flags.check_out_dir(out, args)
     compute = dataclasses.replace(compute, device=distributed.init(compute.device))
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +110,8 @@ class Run:
         model the user named (a str, not a stage Path)."""
         if not isinstance(path, Path):
             return False
-        cached = read_cache(path) is not None if path.suffix == ".json" else load_cached_model_or_none(path)
+        cached = (read_cache(path, required=("summary", "items")) is not None if path.suffix == ".json"
+                  else load_cached_model_or_none(path))
         if cached and path.suffix != ".json":
             self.say(f"[cache] {self.stage_name(path)}: {path}")
         if not cached:
@@ -168,7 +156,7 @@ class Run:
         report["warnings"] = warnings
         write_json(self.out / "config.json", dataclasses.asdict(self.args))
         write_json(self.out / "results.json", report)
-        items = {name: r["items"] for name, r in results.items()}
+        items, _ = finite_report({name: r["items"] for name, r in results.items()})  # strict too: null per item
         write_json(self.out / "eval_items.json", {**items, **alias(items)})
         plots.draw_all(report, self.out)
         return report
@@ -230,6 +218,11 @@ def main_guard(main) -> None:
         raise SystemExit(130)
     except (FloatingPointError, models.ModelLoadError, data.DataError, UsageError, flat.UnknownName) as e:
         fail(str(e))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        fail(f"{e.filename or 'a file'}: {e.strerror}; every stage finished before is saved, the one being "
+             f"written is not: free space, then run the same command")
     finally:
         signal.signal(signal.SIGTERM, previous)
         distributed.close()
@@ -280,36 +273,63 @@ def is_saved_model(path: Path) -> bool:
 
 
 def load_cached_model_or_none(path: Path) -> bool:
-    """Whether a cached model directory is usable; a damaged one (a config or a safetensors header
-    that does not parse) is moved aside, reported, and the stage recomputed."""
+    """Whether a cached model directory is usable: it would load (models.check_model_dir: config,
+    weights holding every parameter, tokenizer), its weights are the bytes that were saved (their
+    sha256 in weights.sha256, written by save_model_atomic) and its logs parse. A damaged one is moved
+    aside, reported, and the stage recomputed."""
     if not is_saved_model(path):
         return False
     try:
-        from safetensors import safe_open
-        json.loads((path / "config.json").read_text())
-        for f in path.glob("*.safetensors"):
-            with safe_open(f, "pt") as st:
-                st.keys()
+        models.check_model_dir(str(path))
+        recorded = path / WEIGHT_SUMS
+        if recorded.exists():  # stages saved before weights.sha256 existed are trusted as they are
+            if read_json(recorded) != weight_sums(path):
+                raise ValueError("its weights are not the bytes that were saved (sha256 differs)")
+        for log in ("train_log.json", "eval_log.json"):
+            if (path / log).exists():
+                read_json(path / log)
         return True
-    except Exception as e:  # any parse error of either file: the directory cannot be trusted
+    except Exception as e:  # anything that fails to check: the directory cannot be trusted
         aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
         path.rename(aside)
-        print(f"[cache] {path}: damaged ({e}); moved to {aside.name}, recomputing")
+        print(f"[cache] {path}: damaged ({str(e).splitlines()[0]}); moved to {aside.name}, recomputing")
         return False
 
 
-def read_cache(path: Path):
+WEIGHT_SUMS = "weights.sha256"
+
+
+def weight_sums(path: Path) -> dict[str, str]:
+    """sha256 of each safetensors file of a model directory (about 1 GB/s)."""
+    sums = {}
+    for f in sorted(path.glob("*.safetensors")):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        sums[f.name] = h.hexdigest()
+    return sums
+
+
+def read_cache(path: Path, required: tuple[str, ...] = ()):
     """A cached JSON result, or None when there is none. One that does not parse (a truncated write
-    from a tool other than this project, a full disk) is reported, moved aside and recomputed."""
+    from a tool other than this project, a full disk), or parses but lacks a `required` key (`{}`), is
+    reported, moved aside and recomputed."""
     if not path.exists():
         return None
     try:
-        return read_json(path)
+        obj, why = read_json(path), None
     except (ValueError, UnicodeDecodeError) as e:
-        aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
-        os.replace(path, aside)
-        print(f"[cache] {path}: does not parse ({e}); moved to {aside.name}, recomputing")
-        return None
+        obj, why = None, f"does not parse ({e})"
+    missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
+    if why is None and missing:
+        why = f"is incomplete (no {', '.join(missing)})"
+    if why is None:
+        return obj
+    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    os.replace(path, aside)
+    print(f"[cache] {path}: {why}; moved to {aside.name}, recomputing")
+    return None
 
 
 def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) -> None:
@@ -326,7 +346,7 @@ def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) ->
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model is an ordinary directory
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
-        for name, obj in extra.items():
+        for name, obj in {**extra, WEIGHT_SUMS: weight_sums(tmp)}.items():
             write_json(tmp / name, obj)
         if path.exists():
             shutil.rmtree(path)

@@ -107,6 +107,30 @@ def test_batched_answer_nll_equals_one_sequence_at_a_time(tmp_path, arch):
             assert math.isclose(g, slow, rel_tol=1e-4), (g, slow)
 
 
+def test_texts_of_unequal_length_score_the_same_batched_as_alone(tiny):
+    """No token is scored from a padding position: a shorter text in a left-padded batch scores the
+    same tokens with the same log-probabilities as alone (its first token never)."""
+    import corpora
+    import train
+    model, tok = tiny
+    ids = tok("Basil Mahfouz Al-Kuwaiti writes novels about family and memory in 1990.",
+              add_special_tokens=False).input_ids
+    texts = [ids, ids[:7], ids[3:12]]
+    batched = evaluate.text_scores(model, texts, tok.pad_token_id, batch_size=3)
+    for text, got in zip(texts, batched):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([text])).logits[0].double(), -1)
+        slow = [float(logp[t, text[t + 1]]) for t in range(len(text) - 1)]   # every token after the first
+        assert got["n"] == len(slow)
+        np.testing.assert_allclose(got["logp"], slow, rtol=1e-4, atol=1e-5)
+    # fine-tuning on text (corpora.text_row) likewise: the batch's per-row loss is each row's loss alone
+    rows = [corpora.text_row(t) for t in texts]
+    loss, _ = train.batch_loss(model, {"answer": rows}, train.FINETUNE, None, tok.pad_token_id)
+    for row, l in zip(rows, loss):
+        alone, _ = train.batch_loss(model, {"answer": [row]}, train.FINETUNE, None, tok.pad_token_id)
+        assert math.isclose(float(l.detach()), float(alone[0].detach()), rel_tol=1e-4)
+
+
 def test_batched_generation_equals_unbatched_greedy_decoding(tiny):
     model, tok = tiny
     qs = [r["question"] for r in data.load_tofu("forget01")[:6]]

@@ -36,7 +36,7 @@ def fails_cleanly(main, argv, capsys, out: Path, *needles):
 BAD_TOFU = [(["--max-grad-norm", "-1"], "--max-grad-norm -1.0: must be > 0"),
             (["--max-steps", "0"], "--max-steps 0: must be >= 1"), (["--epochs", "0"], "--epochs 0"),
             (["--batch-size", "-3"], "--batch-size -3"), (["--grad-accum", "-2"], "--grad-accum -2"),
-            (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0"), (["--lr", "-1"], "--lr -1.0: must be > 0"),
+            (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0"), (["--lr", "-1"], "--lr -1.0: must be in (0, 3.4e38]"),
             (["--lr", "nan"], "--lr nan"), (["--eval-items", "0"], "--eval-items 0"),
             (["--max-new-tokens", "0"], "--max-new-tokens 0"), (["--eval-batch-size", "0"], "--eval-batch-size 0"),
             (["--retain-authors", "0"], "--retain-authors 0"), (["--eval-every", "-1"], "--eval-every -1"),
@@ -100,7 +100,7 @@ def test_a_directory_that_is_not_a_model_is_named(tmp_path, capsys):
 
 def test_errors_are_one_line_without_a_traceback_from_the_command_line(tiny_model_dir, tmp_path):
     p = run_script("run_tofu.py", "--model", tiny_model_dir, "--out", str(tmp_path / "x"), "--lr", "-1", check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.strip() == "error: --lr -1.0: must be > 0"
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.strip() == "error: --lr -1.0: must be in (0, 3.4e38] (a float32 number)"
     assert not (tmp_path / "x").exists()
 
 
@@ -253,3 +253,182 @@ def test_bench_rejects_unknown_names_and_zero(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err, (argv, err)
     assert not (tmp_path / "r.md").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every numeric flag of every runner, derived from the declarations: a flag added tomorrow is walked too
+# ---------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import typing  # noqa: E402
+
+import math  # noqa: E402
+
+import flags  # noqa: E402
+import flat  # noqa: E402
+import models  # noqa: E402
+
+RUNNERS = {"run_tofu": run_tofu, "run_hp": run_hp, "run_harmful": run_harmful}
+CHECKED_ELSEWHERE = {("run_harmful", "judge_layer")}   # negative layers count from the end: checked against the model
+
+
+def numeric_flags(runner):
+    hints = typing.get_type_hints(runner.Args)
+    for f in dataclasses.fields(runner.Args):
+        if any(t in (int, float) for t in typing.get_args(hints[f.name]) or (hints[f.name],)):
+            yield f
+
+
+@pytest.mark.parametrize("name", RUNNERS)
+def test_every_numeric_flag_declares_a_range(name):
+    missing = [f.name for f in numeric_flags(RUNNERS[name]) if f.metadata.get("check") is None
+               and (name, f.name) not in CHECKED_ELSEWHERE]
+    assert not missing, f"{name}: numeric flags without a declared range: {missing}"
+
+
+@pytest.mark.parametrize("name", RUNNERS)
+def test_every_numeric_flag_at_0_minus_1_nan_inf_huge_and_a_word_is_refused_or_in_range(name, capsys):
+    """parse() either refuses a value (one line, exit 2) or the value it returns lies in the flag's
+    declared range: a loss term's sign is never silently flipped, a NaN never reaches training."""
+    runner = RUNNERS[name]
+    for f in numeric_flags(runner):
+        for value in ("0", "-1", "nan", "inf", "1e300", "1e20", "word"):
+            try:
+                args = flags.parse(runner.Args, [f"--{f.name.replace('_', '-')}", value], runner.resolve, runner.check)
+            except SystemExit as e:                       # argparse: not a number of the flag's type
+                assert e.code == 2, (f.name, value)
+                continue
+            except (flags.UsageError, flat.UnknownName, models.ModelLoadError) as e:
+                assert str(e).count("\n") == 0, (f.name, value, str(e))
+                continue
+            got = getattr(args, f.name)
+            check = f.metadata.get("check")
+            assert not (isinstance(got, float) and not math.isfinite(got)), (f.name, value)
+            if check is not None:
+                ok, says = check
+                assert ok(got), (f.name, value, says)
+    capsys.readouterr()
+
+
+def test_loss_hyperparameters_that_would_flip_a_term_are_refused():
+    for flag, value in [("--beta", "-1"), ("--beta", "0"), ("--simnpo-beta", "0"), ("--retain-weight", "-1"),
+                        ("--eps1", "-1"), ("--eps2", "-0.5"), ("--eps3", "-1"), ("--simnpo-delta", "nan"),
+                        ("--seed", "-1"), ("--seed", str(2**40)), ("--lr", "1e300"), ("--finetune-lr", "1e39")]:
+        with pytest.raises(flags.UsageError, match=f"^{flag} "):
+            flags.parse(run_tofu.Args, [flag, value], run_tofu.resolve, run_tofu.check)
+    with pytest.raises(flags.UsageError, match="reads at most"):
+        flags.parse(run_tofu.Args, ["--max-new-tokens", str(10**9)], run_tofu.resolve, run_tofu.check)
+
+
+def test_out_may_not_be_or_hold_an_input(tiny_model_dir, tmp_path, capsys):
+    config = (Path(tiny_model_dir) / "config.json").read_bytes()
+    for out in (Path(tiny_model_dir), Path(tiny_model_dir).parent):
+        with pytest.raises(SystemExit) as e:
+            stages.main_guard(partial(run_tofu.main, ["--model", tiny_model_dir, "--out", str(out)]))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: --out {out}: it holds --model"), err
+    assert (Path(tiny_model_dir) / "config.json").read_bytes() == config          # the model is untouched
+    book = tmp_path / "book.txt"
+    book.write_text("text " * 100)
+    fails_cleanly(run_hp.main, ["--model", tiny_model_dir, "--text", str(book), "--out", str(tmp_path)], capsys,
+                  tmp_path / "never", "it holds --text")
+
+
+def test_flags_that_were_silently_resolved_are_explicit(capsys):
+    assert flags.parse_args(run_hp.Args, ["--text", "a.txt", "--text", "b.txt", "c.txt"]).text == ["a.txt", "b.txt",
+                                                                                                    "c.txt"]
+    with pytest.raises(SystemExit) as e:                              # --text with no book is an error
+        flags.parse_args(run_hp.Args, ["--text"])
+    assert e.value.code == 2 and "--text: expected at least one argument" in capsys.readouterr().err
+    with pytest.raises(flags.UsageError, match="--retain-logs and --retain-model"):
+        flags.parse(run_tofu.Args, ["--retain-logs", "x", "--retain-model", "y"], run_tofu.resolve, run_tofu.check)
+
+
+def test_a_cached_evaluation_that_parses_but_is_incomplete_is_recomputed(tmp_path, capsys):
+    cache = tmp_path / "eval-x-1234.json"
+    cache.write_text("{}")
+    assert stages.read_cache(cache, required=("summary", "items")) is None
+    assert "is incomplete (no summary, items)" in capsys.readouterr().out and list(tmp_path.glob("*.damaged-*"))
+    cache.write_text('{"summary": {}, "items": {}}')
+    assert stages.read_cache(cache, required=("summary", "items")) == {"summary": {}, "items": {}}
+
+
+def _broken_copy(src, dst, change) -> str:
+    import shutil
+    shutil.copytree(src, dst)
+    change(Path(dst))
+    return str(dst)
+
+
+def test_a_model_directory_that_would_not_load_or_would_load_wrongly_fails_before_any_work(tiny_model_dir, tmp_path,
+                                                                                           capsys):
+    import safetensors.torch
+    weights = Path(tiny_model_dir) / "model.safetensors"
+
+    def rename_keys(d):
+        state = safetensors.torch.load_file(str(d / "model.safetensors"))
+        safetensors.torch.save_file({f"other.{k}": v for k, v in state.items()}, str(d / "model.safetensors"))
+
+    def no_special_tokens(d):
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        for k in ("eos_token", "pad_token", "bos_token"):
+            cfg.pop(k, None)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        (d / "special_tokens_map.json").unlink(missing_ok=True)
+    cases = [
+        ("config.json", lambda d: (d / "config.json").write_text("{not json"), "config.json does not describe a model"),
+        ("config.json", lambda d: (d / "config.json").write_text("{}"), "config.json does not describe a model"),
+        ("config.json", lambda d: (d / "config.json").write_text('{"model_type": "gpt17"}'), "does not describe"),
+        ("no weights", lambda d: (d / "model.safetensors").unlink(), "no *.safetensors weights"),
+        ("pickled", lambda d: ((d / "model.safetensors").rename(d / "pytorch_model.bin")), "are pickled"),
+        ("truncated", lambda d: (d / "model.safetensors").write_bytes(weights.read_bytes()[:1000]), "is damaged"),
+        ("foreign weights", rename_keys, "its weights lack"),
+        ("no tokenizer", lambda d: [p.unlink() for p in d.glob("tokenizer*")], "tokenizer does not load"),
+        ("no pad, no eos", no_special_tokens, "neither a pad nor an EOS token"),
+    ]
+    for i, (what, change, needle) in enumerate(cases):
+        bad = _broken_copy(tiny_model_dir, tmp_path / f"bad{i}", change)
+        fails_cleanly(run_tofu.main, ["--model", bad, "--out", str(tmp_path / "x")], capsys, tmp_path / "x", needle)
+        fails_cleanly(run_tofu.main, ["--target-model", bad, "--out", str(tmp_path / "x")], capsys, tmp_path / "x",
+                      needle)
+
+
+def test_a_pipe_as_a_book_or_a_data_file_is_refused_at_once(tiny_model_dir, tmp_path, capsys):
+    fifo = tmp_path / "book.txt"
+    os.mkfifo(fifo)
+    fails_cleanly(run_hp.main, ["--model", tiny_model_dir, "--text", str(fifo), "--out", str(tmp_path / "x")], capsys,
+                  tmp_path / "x", "is not a regular file")
+    d = _tofu_copy(tmp_path)
+    (d / "forget01.jsonl").unlink()
+    os.mkfifo(d / "forget01.jsonl")
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--data-dir", str(d), "--out", str(tmp_path / "x")],
+                  capsys, tmp_path / "x", "is not a regular file")
+
+
+def test_questions_and_answers_longer_than_the_context_fail_before_any_work(tiny_model_dir, tmp_path, capsys):
+    def short_context(d):
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 32}))
+    small = _broken_copy(tiny_model_dir, tmp_path / "small", short_context)
+    fails_cleanly(run_tofu.main, ["--model", small, "--out", str(tmp_path / "x")], capsys, tmp_path / "x",
+                  "--max-new-tokens 200: ", "reads at most 32 tokens")
+    fails_cleanly(run_tofu.main, ["--model", small, "--max-new-tokens", "4", "--out", str(tmp_path / "x")], capsys,
+                  tmp_path / "x", "the model reads at most 32")
+
+
+def test_odd_out_paths_and_a_full_disk_end_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import errno
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "nowhere")
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(dangling)], capsys, tmp_path / "nowhere",
+                  "a symbolic link to nothing")
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / ("x" * 300))], capsys,
+                  tmp_path / ("y" * 10), "longer than 255 bytes")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "results.json")
+    monkeypatch.setattr(run_tofu.flags, "parse", full)
+    with pytest.raises(SystemExit) as e:
+        stages.main_guard(partial(run_tofu.main, []))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: results.json: No space left on device") and "\n" not in err

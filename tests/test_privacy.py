@@ -128,6 +128,9 @@ def test_extraction_strength_follows_open_unlearnings_loop():
     assert mia.extraction_strength([False, False, True, True, True]) == pytest.approx(1 - 2 / 5)
     assert mia.extraction_strength([True, True, False]) == pytest.approx(1 / 3)   # no suffix matches: k = n - 1
     assert mia.exact_memorization([True, False, True, True]) == 0.75
+    # an answer without tokens: undefined and skipped in the mean (open-unlearning: NaN, nan-skipping mean)
+    assert mia.exact_memorization([]) is None
+    assert mia.mean_defined([0.5, None, 1.0]) == 0.75 and mia.mean_defined([None]) is None
 
 
 def _memorise(model, tok, rows, steps=120):
