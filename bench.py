@@ -30,6 +30,7 @@ import torch
 
 import data
 import evaluate
+import flags
 import flat
 import models
 import memplan
@@ -337,6 +338,10 @@ def main(argv=None) -> None:
         for name in args.models or []:
             if name not in ARCHS:
                 models.check_name(name)
+        out = Path(args.out or ROOT / "bench" / ("MEMORY.md" if args.plan_memory else "RESULTS.md"))
+        if out.is_dir():
+            raise ValueError(f"--out {out}: is a directory, not a file")
+        flags.check_out_dir(out.parent)   # writable: found out now, not after the whole benchmark
     except (ValueError, KeyError, models.ModelLoadError) as e:
         stages.fail(str(e))
     if args.plan_memory:
@@ -417,4 +422,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a worker process is a child: it gets the same Ctrl-C and ends too
+        print("\ninterrupted: nothing written (the tables are written at the end)", file=sys.stderr)
+        raise SystemExit(130)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 import data
 import distributed
 import mia
+import stages
 from flat import IGNORE_INDEX, sequence_stats, shift_labels, token_logprobs
 from models import answer_logits, cache_kwarg, position_ids
 
@@ -225,6 +226,7 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
         for i in items:
             out[i], nll = nll[:len(replies[i])], nll[len(replies[i]):]
         bar.update(len(items))
+        stages.stop_if_interrupted()
     bar.close()
     model.train(was_training)
     return out
@@ -301,6 +303,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
                 row = row[:row.index(tokenizer.eos_token_id)]
             out[i] = row
         bar.update(len(idx))
+        stages.stop_if_interrupted()
     bar.close()
     model.train(was_training)
     return out

@@ -356,8 +356,10 @@ class Method:
         return self.retain or (self.optional_retain and params.npo_retain)
 
     def read_params(self, params: LossParams) -> dict:
-        """The values of the hyperparameters this method reads."""
-        return {name: getattr(params, name) for name in self.params}
+        """The values of the hyperparameters this method reads (the retain weight of npo and simnpo only
+        with --npo-retain: without a retain term they never read it)."""
+        unread = {"retain_weight"} if self.optional_retain and not params.npo_retain else set()
+        return {name: getattr(params, name) for name in self.params if name not in unread}
 
 
 def _retain_or_none(s: dict, p: LossParams) -> Tensor | None:

@@ -287,6 +287,10 @@ def similarity_judge(run: stages.Run, d: dict):
 def check_harmful(args: Args) -> None:
     if args.judge != "probe":
         models.check_name(args.judge, args.trust_remote_code, causal=False)
+        labels = models.model_config(args.judge, args.trust_remote_code).id2label or {}
+        if not any(judges.ClassifierJudge.HARMFUL.match(str(lab)) for lab in labels.values()):
+            raise flags.UsageError(f"--judge {args.judge}: not a harmfulness classifier (none of its labels "
+                                   f"{sorted(map(str, labels.values()))} is named unsafe/harmful/toxic/flagged)")
     elif args.judge_layer is not None:
         n_layers = models.model_config(args.model, args.trust_remote_code).num_hidden_layers
         if not -n_layers - 1 <= args.judge_layer <= n_layers:

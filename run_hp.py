@@ -44,11 +44,11 @@ class Args(flags.RunArgs):
     corpus: str = arg("book", "'book' (--text files) or 'muse-news'", check=one_of("book", "muse-news"))
     text: list[str] = field(default_factory=list, metadata={"help": "plain-text book file(s) to forget "
                                                                     "(default: the vendored Frankenstein)",
-                                                            "only": None, "check": None})
+                                                            "only": (), "check": None})  # keys hold its contents
     chunk_tokens: Optional[int] = arg(None, "tokens per chunk", check=flags.Check(lambda v: v >= 2, ">= 2"))
     n_chunks: Optional[int] = arg(None, "book: forget chunks (FLAT: 400)", check=AT_LEAST_1)
     held_out_fraction: float = arg(0.2, "book: the end of the text held out for the unseen evaluation",
-                                   check=FRACTION)
+                                   only=(), check=FRACTION)  # every stage's key holds the chunks it reads
     muse_probes: Optional[int] = arg(None, "muse-news: VerbMem probes scored, trained on with the articles they "
                                            "come from (0: all, and the whole forget corpus)", check=NON_NEGATIVE)
     privleak_texts: Optional[int] = arg(None, "muse-news: PrivLeak forget texts (and as many holdout texts) "

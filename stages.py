@@ -85,8 +85,9 @@ class Run:
 
     def key(self, kind: str, **reads) -> dict:
         """A stage's key: every resolved flag of stage `kind` (flags.arg's only=), the compute, and the
-        data and upstream models it reads (a Path by its stage name; a read of None is left out)."""
-        reads = {k: model_id(v) if isinstance(v, Path) else v for k, v in reads.items() if v is not None}
+        data and upstream models it reads (a model by model_id; a read of None is left out)."""
+        reads = {k: model_id(v) if isinstance(v, Path) or k in ("model", "original", "target") else v
+                 for k, v in reads.items() if v is not None}
         return stage_key(self.args, kind, self.compute, **reads)
 
     def stage(self, kind: str, name: str, **reads) -> Path:
@@ -209,12 +210,15 @@ def safe_name(name: str) -> str:
 def main_guard(main) -> None:
     """Run a runner's main: known failures become one `error:` line and exit 2; Ctrl-C or SIGTERM
     exits 130 with every finished stage left usable (each is written atomically)."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt), signal.signal(signal.SIGINT, _interrupt)
+    _INTERRUPTED.clear()
     try:
         main()
+        stop_if_interrupted()  # a Ctrl-C that a library swallowed (in a __del__) still ends the run
     except KeyboardInterrupt:
-        print("\ninterrupted: every finished stage is saved; the same command resumes from there",
-              file=sys.stderr)
+        if distributed.is_main():  # under torchrun, one line for the run, not one per rank
+            print("\ninterrupted: every finished stage is saved; the same command resumes from there",
+                  file=sys.stderr)
         raise SystemExit(130)
     except (FloatingPointError, models.ModelLoadError, data.DataError, UsageError, flat.UnknownName) as e:
         fail(str(e))
@@ -224,16 +228,29 @@ def main_guard(main) -> None:
         fail(f"{e.filename or 'a file'}: {e.strerror}; every stage finished before is saved, the one being "
              f"written is not: free space, then run the same command")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
         distributed.close()
 
 
+_INTERRUPTED: list[int] = []  # the signals received: Python drops a KeyboardInterrupt raised inside a __del__
+
+
 def _interrupt(signum, frame):
+    _INTERRUPTED.append(signum)
     raise KeyboardInterrupt
 
 
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C or SIGTERM arrived and was swallowed on its way (the training
+    and evaluation loops call this once per batch)."""
+    if _INTERRUPTED:
+        raise KeyboardInterrupt
+
+
 def fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
+    if distributed.is_main():  # under torchrun every rank finds the same error: rank 0 says it
+        print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -251,14 +268,30 @@ def stage_key(args, stage: str, compute: models.Compute, **extra) -> dict:
     for f in dataclasses.fields(args):
         only = f.metadata.get("only")
         if f.name not in loss_fields and (only is None or stage in only):
-            key[f.name] = getattr(args, f.name)
+            value = getattr(args, f.name)
+            key[f.name] = model_id(value) if f.name in MODEL_FLAGS and value else value
     return {**key, "compute": f"{torch.device(compute.device).type}-{compute.precision}", **extra}
 
 
+MODEL_FLAGS = ("model", "target_model", "retain_model", "judge", "similarity")  # may name a model directory
+_CONTENT_IDS: dict = {}
+
+
 def model_id(path) -> str:
-    """How a stage key names a model: a stage directory by its (hash-named) directory name, anything
-    else (an alias, a Hub id, a directory of the user's) by what was passed."""
-    return Path(path).name if isinstance(path, Path) else str(path)
+    """How a stage key names a model: a stage directory by its name (a hash of its own key); a model
+    directory of the user's by its contents (config.json and the sha256 of its weights), so that a
+    model re-saved in place gets new stages and the same model at another path reuses them; an alias,
+    a Hub id or another setting by what was passed. Hashes are kept per file sizes and times."""
+    if isinstance(path, Path):
+        return path.name
+    p = str(path)
+    if p in models.MODELS or not os.path.isdir(p) or not os.path.exists(os.path.join(p, "config.json")):
+        return p
+    files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(p).iterdir()) if f.is_file())
+    if (p, files) not in _CONTENT_IDS:
+        h = hashlib.sha256(Path(p, "config.json").read_bytes() + json.dumps(weight_sums(Path(p))).encode())
+        _CONTENT_IDS[(p, files)] = f"model-sha256:{h.hexdigest()[:16]}"
+    return _CONTENT_IDS[(p, files)]
 
 
 def stage_dir(root: Path, name: str, key: dict) -> Path:

@@ -27,6 +27,7 @@ import data
 import distributed
 import flat
 import models
+import stages
 
 # ---------------------------------------------------------------------------------------------
 # The plan: epochs of step batches -> optimiser steps of this rank's micro-batches
@@ -144,6 +145,7 @@ def train(model, tok, plan: Plan, method: flat.Method, params: flat.LossParams |
             sums = (values * m.weight).sum(1) if sums is None else sums + (values * m.weight).sum(1)
         sums = distributed.all_reduce_sum(sums).tolist()      # one sync per step; a no-op in one process
         check_finite(sums[0], step, stage)
+        stages.stop_if_interrupted()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()
         sched.step()

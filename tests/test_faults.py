@@ -247,9 +247,11 @@ def test_ctrl_c_exits_130_and_keeps_finished_stages(tiny_model_dir, tmp_path):
 def test_bench_rejects_unknown_names_and_zero(tmp_path, capsys):
     for argv, needle in [(["--methods", "flatt"], "unknown loss 'flatt'"), (["--models", "gpt-17"], "unknown model"),
                          (["--steps", "0"], "must be >= 1"), (["--batch-size", "0"], "must be >= 1"),
-                         (["--device", "tpu"], "device")]:
+                         (["--device", "tpu"], "device"), (["--out", str(tmp_path)], "is a directory, not a file"),
+                         (["--out", str(tmp_path / "file" / "r.md")], "is not a directory")]:
+        (tmp_path / "file").write_text("a file, not a directory")
         with pytest.raises(SystemExit) as e:
-            bench.main([*argv, "--out", str(tmp_path / "r.md")])
+            bench.main(argv if "--out" in argv else [*argv, "--out", str(tmp_path / "r.md")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and needle in err, (argv, err)
     assert not (tmp_path / "r.md").exists()
@@ -292,7 +294,7 @@ def test_every_numeric_flag_at_0_minus_1_nan_inf_huge_and_a_word_is_refused_or_i
     declared range: a loss term's sign is never silently flipped, a NaN never reaches training."""
     runner = RUNNERS[name]
     for f in numeric_flags(runner):
-        for value in ("0", "-1", "nan", "inf", "1e300", "1e20", "word"):
+        for value in ("0", "-1", "nan", "inf", "1e300", "1e20", str(10**20), "word"):
             try:
                 args = flags.parse(runner.Args, [f"--{f.name.replace('_', '-')}", value], runner.resolve, runner.check)
             except SystemExit as e:                       # argparse: not a number of the flag's type
@@ -432,3 +434,53 @@ def test_odd_out_paths_and_a_full_disk_end_in_one_line(tiny_model_dir, tmp_path,
         stages.main_guard(partial(run_tofu.main, []))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: results.json: No space left on device") and "\n" not in err
+
+
+def test_stage_keys_hold_a_models_and_a_books_contents_not_their_paths(tiny_model_dir, book_run, tmp_path):
+    import shutil
+
+    import safetensors.torch
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "run"
+    argv = ["--method", "ga", "--out", str(out), *TOFU_SMOKE]
+    run_in_process(run_tofu.main, ["--model", str(model), *argv])
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(model, moved)                                   # the same model at another path: reused
+    r = run_in_process(run_tofu.main, ["--model", str(moved), *argv])
+    assert "[finetune-" not in r.stdout and "[unlearn-" not in r.stdout
+    state = safetensors.torch.load_file(str(model / "model.safetensors"))
+    safetensors.torch.save_file({k: v * 1.01 for k, v in state.items()}, str(model / "model.safetensors"),
+                                metadata={"format": "pt"})          # re-saved in place: every stage again
+    r = run_in_process(run_tofu.main, ["--model", str(model), *argv])
+    assert "[finetune-target] step" in r.stdout and "[unlearn-ga] step" in r.stdout
+    # the same book at another path, and another held-out fraction (the forget chunks stay the same)
+    book = tmp_path / "copy.txt"
+    book.write_bytes(book_run.book.read_bytes())
+    base = ["--model", book_run.model, "--out", str(book_run.out), "--method", "npo", "--batch-size", "2", *BOOK_SMOKE]
+    r = run_in_process(run_hp.main, [*base, "--text", str(book)])
+    assert "[finetune-" not in r.stdout and "[unlearn-" not in r.stdout
+    r = run_in_process(run_hp.main, [*base, "--text", str(book), "--held-out-fraction", "0.3"])
+    assert "[finetune-" not in r.stdout and "[unlearn-" not in r.stdout
+    assert r.report["original"]["held_out_bleu"] is not None                 # evaluated on the new held-out part
+
+
+def test_a_causal_lm_as_the_judge_is_refused_before_any_work(tiny_model_dir, tmp_path, capsys):
+    fails_cleanly(run_harmful.main, ["--model", tiny_model_dir, "--judge", tiny_model_dir, "--out", str(tmp_path / "x")],
+                  capsys, tmp_path / "x", f"--judge {tiny_model_dir}: not a harmfulness classifier")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing is the point
+def test_a_ctrl_c_that_a_library_swallows_still_ends_the_run(capsys):
+    class Swallows:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)   # the KeyboardInterrupt is raised here, and Python drops it
+            time.sleep(0.05)
+
+    def main():
+        Swallows()
+        time.sleep(0.1)
+        return "finished as if nothing happened"
+    with pytest.raises(SystemExit) as e:
+        stages.main_guard(main)
+    assert e.value.code == 130 and "interrupted:" in capsys.readouterr().err

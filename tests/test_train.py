@@ -118,7 +118,7 @@ CPU = models.resolve_compute("cpu")
 CHANGES = {"lr": 3e-4, "epochs": 7, "steps": 9, "batch_size": 5, "grad_accum": 3, "weight_decay": 0.1,
            "warmup_epochs": 0.5, "max_grad_norm": 0.25, "seed": 11, "max_steps": 13, "finetune_lr": 7e-5,
            "finetune_epochs": 2, "max_answer_tokens": 17, "forget_items": 9, "retain_authors": 3,
-           "chunk_tokens": 77, "n_chunks": 5, "prompt_tokens": 7, "held_out_fraction": 0.3, "template": "wikitext",
+           "chunk_tokens": 77, "n_chunks": 5, "prompt_tokens": 7, "template": "wikitext",
            "model": "other-model", "split": "forget05", "corpus": "muse-news", "task": "hallucination"}
 EVAL_ONLY = {"max_new_tokens": 3, "eval_batch_size": 5, "eval_items": 4, "eval_chunks": 3, "ppl_chunks": 3,
              "eval_prompts": 3, "judge_l2": 2.0, "judge_train_items": 5, "log_every": 99, "out": "elsewhere"}
@@ -159,6 +159,9 @@ def test_loss_parameters_enter_the_key_of_the_methods_that_read_them_only():
     for method, name, value in [("flat", "divergence", "js"), ("npo", "beta", 0.5), ("dpo", "beta", 0.5),
                                 ("llmu", "eps2", 2.0), ("gd", "retain_weight", 0.5), ("simnpo", "simnpo_delta", 1.0)]:
         assert _keys(base, method)["unlearn"] != _keys(dataclasses.replace(base, **{name: value}), method)["unlearn"]
-    # a flag a method ignores does not split its cache
-    for method, name, value in [("npo", "divergence", "js"), ("ga", "beta", 0.5), ("flat", "eps1", 2.0)]:
+    assert _keys(dataclasses.replace(base, npo_retain=True), "npo")["unlearn"] != \
+        _keys(dataclasses.replace(base, npo_retain=True, retain_weight=0.5), "npo")["unlearn"]
+    # a flag a method ignores does not split its cache (npo reads the retain weight only with --npo-retain)
+    for method, name, value in [("npo", "divergence", "js"), ("ga", "beta", 0.5), ("flat", "eps1", 2.0),
+                                ("npo", "retain_weight", 0.5), ("simnpo", "retain_weight", 0.5)]:
         assert _keys(base, method)["unlearn"] == _keys(dataclasses.replace(base, **{name: value}), method)["unlearn"]
