@@ -15,6 +15,13 @@ and each model's evaluation. See docs/harmful.md.
 """
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads, before stages.main_guard: one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted: nothing was started", file=sys.stderr),
+                                             sys.exit(130)))
+
 import math
 import time
 from dataclasses import dataclass, replace

@@ -21,6 +21,13 @@ on any plain-text book) and on MUSE-News (Shi et al. 2024).
 """
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads, before stages.main_guard: one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted: nothing was started", file=sys.stderr),
+                                             sys.exit(130)))
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional

@@ -15,6 +15,13 @@ changed. See docs/tofu.md.
 """
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads, before stages.main_guard: one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted: nothing was started", file=sys.stderr),
+                                             sys.exit(130)))
+
 from dataclasses import dataclass
 from typing import Callable, Optional
 

@@ -323,10 +323,20 @@ def load_cached_model_or_none(path: Path) -> bool:
                 read_json(path / log)
         return True
     except Exception as e:  # anything that fails to check: the directory cannot be trusted
-        aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
-        path.rename(aside)
+        aside = move_aside(path)
         print(f"[cache] {path}: damaged ({str(e).splitlines()[0]}); moved to {aside.name}, recomputing")
         return False
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged cache to NAME.damaged-TIME (-2, -3, ... when one of that second exists)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = path.with_name(f"{path.name}.damaged-{stamp}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    os.replace(path, aside)
+    return aside
 
 
 WEIGHT_SUMS = "weights.sha256"
@@ -359,8 +369,7 @@ def read_cache(path: Path, required: tuple[str, ...] = ()):
         why = f"is incomplete (no {', '.join(missing)})"
     if why is None:
         return obj
-    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
-    os.replace(path, aside)
+    aside = move_aside(path)
     print(f"[cache] {path}: {why}; moved to {aside.name}, recomputing")
     return None
 

@@ -484,3 +484,71 @@ def test_a_ctrl_c_that_a_library_swallows_still_ends_the_run(capsys):
     with pytest.raises(SystemExit) as e:
         stages.main_guard(main)
     assert e.value.code == 130 and "interrupted:" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_libraries_import_is_one_line_and_exit_130(tiny_model_dir, tmp_path):
+    p = subprocess.Popen([sys.executable, str(ROOT / "run_tofu.py"), "--model", tiny_model_dir, "--out",
+                          str(tmp_path / "x")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)                                   # torch and transformers take seconds to import
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err and err.strip().startswith("interrupted:"), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_cached_model_that_parses_but_is_damaged_is_recomputed(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--model", tiny_model_dir, "--method", "ga", "--out", str(out), *TOFU_SMOKE]
+    first = run_in_process(run_tofu.main, argv)
+
+    def zero_the_weights(d):                      # the header intact, the tensor bytes zeroed
+        raw = (d / "model.safetensors").read_bytes()
+        header = 8 + int.from_bytes(raw[:8], "little")
+        (d / "model.safetensors").write_bytes(raw[:header] + bytes(len(raw) - header))
+    damages = [lambda d: (d / "config.json").write_text("{}"),
+               lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text()[:100]),
+               lambda d: (d / "train_log.json").write_text("[{"),
+               zero_the_weights]
+    for damage in damages:
+        target = Path(first.report["dirs"]["target"])
+        damage(target)
+        r = run_in_process(run_tofu.main, argv)
+        assert f"[cache] {target}: damaged" in r.stdout and "[finetune-target] step" in r.stdout, r.stdout[-2000:]
+        assert r.report["target"] == first.report["target"]           # recomputed: the same numbers
+
+
+def test_empty_tofu_sets_and_an_offline_hub_judge_fail_before_any_work(tiny_model_dir, tmp_path, capsys):
+    d = _tofu_copy(tmp_path)
+    for name in ("retain99", "holdout01", "world_facts_perturbed", "retain_perturbed"):
+        text = (d / f"{name}.jsonl").read_text()
+        (d / f"{name}.jsonl").write_text("")
+        fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--data-dir", str(d), "--out", str(tmp_path / "x")],
+                      capsys, tmp_path / "x", f"the TOFU set {name} is empty")
+        (d / f"{name}.jsonl").write_text(text)
+    t = time.time()
+    fails_cleanly(run_harmful.main, ["--model", tiny_model_dir, "--judge", "someorg/some-judge", "--out",
+                                     str(tmp_path / "x")], capsys, tmp_path / "x", "the Hub is unreachable")
+    assert time.time() - t < 30
+
+
+def test_non_finite_per_item_values_are_null_in_eval_items(book_run, monkeypatch):
+    import evaluate
+    monkeypatch.setattr(evaluate, "bleu", lambda p, r: [float("nan")] * len(p))
+    out = book_run.out.parent / "nan-items"
+    r = run_in_process(run_hp.main, ["--model", book_run.model, "--text", str(book_run.book), "--out", str(out),
+                                     "--method", "npo", "--batch-size", "2", *BOOK_SMOKE])
+    items = json.loads((out / "eval_items.json").read_text())          # strict JSON: no NaN
+    assert items["npo"]["forget"]["bleu"] == [None] * len(items["npo"]["forget"]["bleu"])
+    assert any("forget_bleu" in w for w in r.report["warnings"])
+
+
+def test_a_judge_cache_holding_nothing_is_refitted(tiny_model_dir, tmp_path):
+    argv = ["--model", tiny_model_dir, "--out", str(tmp_path / "run"), "--max-steps", "1", "--forget-items", "8",
+            "--steps", "1", "--batch-size", "2", "--eval-prompts", "2", "--max-new-tokens", "2",
+            "--judge-train-items", "40", "--judge-eval-items", "20"]
+    first = run_in_process(run_harmful.main, argv)
+    cache = next((tmp_path / "run").glob("judge-probe-*.json"))
+    cache.write_text("{}")
+    again = run_in_process(run_harmful.main, argv)
+    assert f"[cache] {cache}: is incomplete" in again.stdout
+    assert again.report["judge"] == first.report["judge"]
