@@ -173,8 +173,19 @@ def first_authors(rows: list[dict], n_authors: int | None) -> list[dict]:
 # Prompts and tokenisation
 # ---------------------------------------------------------------------------------------------
 
+def prefilled(style: str, text: str) -> str:
+    """A prompt style whose assistant turn begins with `text` (a prefilling attack, attacks.py): the
+    prompt ends with it, and every answer scored or generated follows it."""
+    return f"{style}|{text}"
+
+
 def prompt_and_answer(tokenizer, style: str, question: str, answer: str) -> tuple[str, str]:
-    """The prompt text and the answer text that follows it (see the module docstring)."""
+    """The prompt text and the answer text that follows it (see the module docstring); a style made
+    by prefilled() adds its text to the prompt, then the answer after a space."""
+    style, _, prefill = style.partition("|")
+    if prefill:
+        prompt, _ = prompt_and_answer(tokenizer, style, question, "")
+        return f"{prompt}{' ' if style in ('base', 'qa-hash') else ''}{prefill}", f" {answer}"
     if style == "base":
         return f"Question: {question}\nAnswer:", f" {answer}"
     if style == "qa-hash":
@@ -194,17 +205,18 @@ def encode_prompt(tokenizer, style: str, question: str) -> list[int]:
 
 
 def check_context(tokenizer, style: str, rows: list[dict], answers: list[str], context: int | None,
-                  new_tokens: int = 0) -> None:
+                  new_tokens: int = 0, max_answer_tokens: int | None = None) -> None:
     """Before any work: every question with its longest answer (of `rows`' answer fields and the
     template `answers`), and every prompt followed by `new_tokens` generated ones, fits the model's
     context; a longer one would crash (or be cut) in the middle of a run."""
     if context is None:
         return
-    need = lambda q, a: len(encode_qa(tokenizer, style, q, a)["input_ids"])  # noqa: E731
+    def need(q: str, a: str) -> int:
+        return len(encode_qa(tokenizer, style, q, a, max_answer_tokens=max_answer_tokens)["input_ids"])
     longest_q = max((r["question"] for r in rows), key=len)
-    for q, candidates in [(r["question"], [r["answer"], r.get("paraphrased_answer", ""), *r.get("perturbed_answer", [])])
+    for q, candidates in [(r["question"], [r["answer"], r.get("paraphrased_answer"), *r.get("perturbed_answer", [])])
                           for r in rows] + [(longest_q, answers)]:
-        n = max([need(q, a) for a in candidates] + [len(encode_prompt(tokenizer, style, q)) + new_tokens])
+        n = max([need(q, a) for a in candidates if a] + [len(encode_prompt(tokenizer, style, q)) + new_tokens])
         if n > context:
             raise DataError(f"the question {q[:60]!r} with an answer or {new_tokens} generated tokens needs {n} "
                             f"tokens; the model reads at most {context}")

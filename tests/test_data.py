@@ -5,6 +5,7 @@ import random
 import pytest
 
 import data
+import models
 from flat import IGNORE_INDEX
 
 
@@ -114,3 +115,14 @@ def test_unlearning_batches_pair_each_forget_question_with_a_template_and_a_reta
     assert "retain" not in data.unlearning_epoch(tok, "base", forget, idk, None, 8, random.Random(0))[0]
     with pytest.raises(data.DataError, match="forget set is empty"):
         data.unlearning_epoch(tok, "base", [], idk, retain, 8, random.Random(0))
+
+
+def test_the_context_check_reads_the_answers_each_row_has(tiny_model_dir):
+    """Plain TOFU rows have no paraphrased or perturbed answers: the check scores what is there (a chat
+    style, where an empty answer has no token, once refused every plain row)."""
+    _, tok = models.load_model(tiny_model_dir, "cpu")
+    rows = data.load_tofu("forget01")[:3] + data.load_tofu("forget01_perturbed")[:3]
+    for style in ("base", "llama2-chat"):
+        data.check_context(tok, style, rows, data.load_idk()[:5], 4096, 200)
+        with pytest.raises(data.DataError, match="the model reads at most 40"):
+            data.check_context(tok, style, rows, [], 40, 0)
