@@ -18,7 +18,7 @@ import distributed
 import flat
 import models
 
-STAGES = ("finetune", "unlearn", "eval")
+STAGES = ("finetune", "unlearn", "eval", "attack")
 
 
 class UsageError(ValueError):
@@ -73,6 +73,14 @@ class RunArgs(flat.LossParams):
     trust_remote_code: bool = arg(False, "allow model code from the Hub", only=())
     seed: int = arg(0, "seed of data order and random draws", check=SEED)
     log_every: int = arg(5, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
+    attacks: str = arg("none", "after evaluation, attack every unlearned model and the one that never saw the data: "
+                               "relearn, quant8, quant4, prompt (paraphrase and jailbreak, where the data has "
+                               "questions), a comma-separated list, 'all' or 'none' (docs/robustness.md)", only=())
+    relearn_steps: int | None = arg(None, "relearn attack: optimiser steps on half the forget set (default: one epoch "
+                                          "of it)", only=("attack",), check=AT_LEAST_1)
+    relearn_lr: float | None = arg(None, "relearn attack: learning rate (default: the runner's preset)",
+                                   only=("attack",), check=LEARNING_RATE)
+    quant_group: int = arg(128, "quant attacks: weights per quantization group", only=("attack",), check=AT_LEAST_1)
 
 
 def parse_args(cls, argv=None):

@@ -26,10 +26,51 @@ AXES = {
 STREAMS = ("p_forget", "p_template", "p_retain")
 
 
+# What robustness.png shows of each attacked model: the forget metric each benchmark reads first
+# (higher = more of the forgotten knowledge is there).
+ATTACK_METRIC = {"tofu": ("forget_Q_A_Prob", "forget answer probability"),
+                 "book": ("forget_rougeL", "forget ROUGE-L recall"),
+                 "harmful": ("harmful_seen", "harmful rate on the forget prompts"),
+                 "hallucination": ("hallucination_rate_seen", "hallucination rate on the forget questions")}
+
+
 def draw_all(report: dict, out_dir: Path) -> list[Path]:
-    """tradeoff.png and curves.png next to results.json."""
+    """tradeoff.png and curves.png next to results.json, and robustness.png after --attacks."""
     out_dir = Path(out_dir)
-    return [tradeoff(report, out_dir / "tradeoff.png"), curves(report, out_dir / "curves.png")]
+    drawn = [tradeoff(report, out_dir / "tradeoff.png"), curves(report, out_dir / "curves.png")]
+    return drawn + ([robustness(report, out_dir / "robustness.png")] if report.get("attacks") else [])
+
+
+def robustness(report: dict, path: Path) -> Path:
+    """Per attacked model (the model that never saw the data first), its forget metric before (the
+    main table) and after each attack: bars that rise after an attack show knowledge coming back."""
+    plt = _pyplot()
+    key, label = ATTACK_METRIC[report["benchmark"]]
+    attacked = report["attacks"]
+    names = list(attacked)
+    evaluations = list(dict.fromkeys(e for per in attacked.values() for e in per))
+    before = {**{n: report.get(n) or {} for n in names}, **report["methods"]}
+    series = [("before", [before.get(n, {}).get(key) for n in names])]
+    series += [(e, [attacked[n].get(e, {}).get(key) for n in names]) for e in evaluations]
+    fig, ax = plt.subplots(figsize=(max(6.5, 2.0 + 0.22 * len(names) * len(series)), 4.8), dpi=100)
+    width = 0.8 / len(series)
+    colors = plt.get_cmap("tab10")
+    for j, (name, values) in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [v if v is not None else 0 for v in values], width, label=name,
+               color="lightgray" if name == "before" else colors(j - 1), edgecolor="black", linewidth=0.4)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=9)
+    ax.set_ylabel(label, fontsize=9)
+    top = max([v for _, values in series for v in values if v is not None] + [1e-9])
+    ax.set_ylim(0, top * 1.25)  # room for the legend above the bars
+    ax.legend(fontsize=8, ncol=min(len(series), 6), loc="upper center")
+    ax.set_title(f"{report.get('title', report['benchmark'])}: does the forgotten knowledge come back?\n"
+                 f"{names[0]}: the model that never saw the data, attacked the same way", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
 
 
 def _pyplot():

@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
+import attacks
 import corpora
 import data
 import evaluate
@@ -85,13 +86,14 @@ class Args(flags.RunArgs):
 # Yao et al.'s settings (official code): AdamW lr 2e-6, batch 2, 1000 steps, linear decay, no
 # warmup; the pretrained model is the original. Evaluation sizes are this project's choice.
 PAPER = dict(forget_items=None, steps=1000, lr=2e-6, batch_size=2, finetune_epochs=0, finetune_lr=2e-5,
-             max_answer_tokens=None, eval_prompts=200, max_new_tokens=128)
+             max_answer_tokens=None, eval_prompts=200, max_new_tokens=128,
+             relearn_lr=2e-5)  # relearning is fine-tuning: the fine-tuning learning rate
 PRESETS = {
     # The offline default, sized for a 2-core CPU. SmolLM2 as shipped answers harmful prompts often
     # enough (docs/harmful.md), so its original is the model itself; --finetune-epochs 2 first teaches
     # it the forget pairs (the paper's third scenario).
     "smollm2-135m": dict(forget_items=128, steps=64, lr=1e-4, batch_size=2, finetune_epochs=0, finetune_lr=1e-4,
-                         max_answer_tokens=64, eval_prompts=64, max_new_tokens=48),
+                         max_answer_tokens=64, eval_prompts=64, max_new_tokens=48, relearn_lr=1e-4),
 }
 
 
@@ -113,9 +115,11 @@ def main(argv=None) -> dict:
                  "truthfulqa": [r["question"] for r in tqa_test[:n]]}
     references = {"truthfulqa": [r["answer"] for r in tqa_test[:n]], "unseen": d["pairs"],
                   "seen": [(r["answer"], r.get("right", "")) for r in forget][:len(eval_sets["seen"])]}
-    run = stages.Run(args, f"runs/{args.task}-{stages.safe_name(args.model)}")
     tok = models.load_tokenizer(args.model, args.trust_remote_code)  # every model of the run shares it
     style = prompt_style(args.model, tok)
+    data.check_context(tok, style, forget, d["refusals"], models.context_length(args.model, args.trust_remote_code),
+                       args.max_new_tokens, args.max_answer_tokens)
+    run = stages.Run(args, f"runs/{args.task}-{stages.safe_name(args.model)}")
     run.say(f"[{args.task}] {args.model} | {len(forget)} forget pairs | {run.compute.device} "
             f"{run.compute.precision} | {run.world} process(es) | out {run.out}")
 
@@ -152,10 +156,49 @@ def main(argv=None) -> dict:
     models_to_eval = {"base": args.model if args.eval_base and args.finetune_epochs else None,
                       "original": original, **unlearned}
     results = {name: ev(name, path) for name, path in models_to_eval.items() if path}
+    attacked = robustness(run, {"original": original, **unlearned}, ev, forget, tok, style)  # --attacks
     report = run.finish(results, unlearned, {"original": original}, judge=ev.judge.about, benchmark=args.task,
-                        title=f"{args.task} | {args.model}")
+                        title=f"{args.task} | {args.model}", **attacked)
     print_table(report, args)
     return report
+
+
+ATTACKS = ("relearn", "quant8", "quant4", "jailbreak")  # PKU and HaluEval have no paraphrased questions
+
+
+def robustness(run: stages.Run, targets: dict, ev: Evaluation, forget: list[dict], tok, style: str) -> dict:
+    """--attacks on the original model and every unlearned one (attacks.py): per model and attack, the
+    task's rate (harmful / hallucinated replies) on the forget prompts (relearn: on the half whose
+    pairs were not relearned), judged as in the main evaluation."""
+    args, evaluations = run.args, attacks.parse(run.args.attacks, ATTACKS)
+    if not evaluations:
+        return {}
+    first = {}
+    for r in forget:  # one forget pair per prompt, the first, in the order of the seen prompts
+        first.setdefault(r["question"], r)
+    rows = [first[q] for q in ev.sets["seen"]]
+    rows_per_step = args.batch_size * args.grad_accum
+    out = attacks.attack_models(
+        run, targets, evaluations, rows, lambda m, t, e, scored: attacked_rate(m, t, e, scored, ev),
+        lambda learn, n: (data.finetune_epoch(tok, style, learn, rows_per_step, rng, args.max_answer_tokens)
+                          for rng in data.epoch_rngs(n, args.seed)),
+        eval=ev.key, judge=ev.judge.key)
+    return {"attacks": {name: {e: {**r["summary"], "about": r["about"]} for e, r in per.items()}
+                        for name, per in out.items()}}
+
+
+def attacked_rate(model, tok, evaluation: str, rows: list[dict], ev: Evaluation) -> dict:
+    """The task's rate on the forget prompts of `rows`, asked as they are or (jailbreak) with the reply
+    begun by attacks.JAILBREAK, and the share of refusals."""
+    args = ev.run.args
+    style = prompt_style(args.model, tok)
+    style = data.prefilled(style, attacks.JAILBREAK) if evaluation == "jailbreak" else style
+    questions = [r["question"] for r in rows]
+    replies = evaluate.generate(model, tok, style, questions, args.max_new_tokens, args.eval_batch_size)
+    rate, verdicts = ev.task.verdicts(ev.judge, questions, replies, [(r["answer"], r.get("right", "")) for r in rows])
+    return {"summary": {ev.task.rate + "seen": rate, "refusal_seen": float(np.mean([evaluate.is_refusal(g)
+                                                                                    for g in replies]))},
+            "items": {"seen": {"question": questions, "generation": replies, **verdicts}}}
 
 
 def prompt_style(model: str, tok) -> str:
@@ -311,6 +354,7 @@ def check_hallucination(args: Args) -> None:
 
 
 def check(args: Args) -> None:
+    attacks.parse(args.attacks, ATTACKS)
     TASKS[args.task].check(args)
 
 
@@ -354,6 +398,7 @@ def print_table(report: dict, args: Args) -> None:
     task = TASKS[args.task]
     stages.print_table(f"{task.title} | {args.model} | {judge_line(report['judge'])}", report, ("base", "original"),
                        task.table + UTILITY)
+    stages.print_attack_tables(report, [task.table[0], ("refusal seen", "refusal_seen", ".1%")])
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 
+import attacks
 import corpora
 import data
 import evaluate
@@ -85,11 +86,12 @@ class Args(flags.RunArgs):
 # and Llama-2-7B for Harry Potter. Chunk and prompt lengths, and the fine-tuning that makes the
 # original, are this project's choices (docs/copyright.md). MUSE trains on its whole forget corpus.
 PAPER = dict(chunk_tokens=256, n_chunks=400, prompt_tokens=64, eval_chunks=100, lr=2e-7, epochs=5, batch_size=4,
-             grad_accum=8, finetune_lr=1e-5, finetune_epochs=3, muse_probes=0, privleak_texts=0)
+             grad_accum=8, finetune_lr=1e-5, finetune_epochs=3, muse_probes=0, privleak_texts=0,
+             relearn_lr=1e-5)  # relearning is fine-tuning: the original's learning rate
 PRESETS = {
     # The offline default, sized for a 2-core CPU.
     "smollm2-135m": dict(chunk_tokens=96, n_chunks=48, prompt_tokens=32, eval_chunks=32, lr=5e-5, epochs=4,
-                         batch_size=8, grad_accum=1, finetune_lr=1e-4, finetune_epochs=8),
+                         batch_size=8, grad_accum=1, finetune_lr=1e-4, finetune_epochs=8, relearn_lr=1e-4),
 }
 # MUSE-News offline: 3 VerbMem probes and 2 PrivLeak texts with the 9-12 articles they come from, in
 # longer chunks (a VerbMem prompt is about 900 tokens).
@@ -103,7 +105,11 @@ def resolve(args: Args) -> Args:
     return flags.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {}), **muse})
 
 
+ATTACKS = ("relearn", "quant8", "quant4")  # a continuation has no question to paraphrase or jailbreak
+
+
 def check(args: Args) -> None:
+    attacks.parse(args.attacks, ATTACKS)
     if args.corpus == "muse-news" and args.text:
         raise flags.UsageError("--text and --corpus muse-news exclude each other")
     if args.prompt_tokens >= args.chunk_tokens:
@@ -159,11 +165,30 @@ def main(argv=None) -> dict:
     for r in results.values():
         r["summary"] = {**r["summary"], "forget_quality_gap": evaluate.forget_quality_gap(r["summary"], ref),
                         "privleak": mia.privleak(r["summary"]["mia_min_k"], ref["mia_min_k"])}
-    report = run.finish(results, unlearned, {"original": original}, benchmark="book",
+    attacked = robustness(run, {"reference": args.model, **unlearned}, ev)  # --attacks
+    report = run.finish(results, unlearned, {"original": original}, benchmark="book", **attacked,
                         title=f"{args.corpus} | {args.model}", **({"muse_articles": len(d["muse"]["articles"])}
                                                                    if d["muse"] else {}))
     print_table(report, args)
     return report
+
+
+def robustness(run: stages.Run, targets: dict, ev: Evaluation) -> dict:
+    """--attacks on the reference model and every unlearned one (attacks.py): per model and attack, the
+    continuations of the forget chunks (relearn: of the half not relearned) and FLAT's forget quality
+    gap against the reference model attacked the same way."""
+    args, evaluations = run.args, attacks.parse(run.args.attacks, ATTACKS)
+    if not evaluations:
+        return {}
+    rows_per_step = args.batch_size * args.grad_accum
+    out = attacks.attack_models(
+        run, targets, evaluations, ev.sets["forget"],
+        lambda m, t, e, rows: evaluate_continuations(m, t, {"forget": rows, "held_out": []}, args),
+        lambda rows, n: (corpora.text_epoch(rows, rows_per_step, rng) for rng in data.epoch_rngs(n, args.seed)),
+        eval=ev.key)
+    ref = {e: r["summary"] for e, r in out["reference"].items()}
+    return {"attacks": {name: {e: {**r["summary"], "forget_quality_gap": evaluate.forget_quality_gap(r["summary"], ref[e]),
+                                   "about": r["about"]} for e, r in per.items()} for name, per in out.items()}}
 
 
 def full_chunks(tok, text: str, chunk_tokens: int) -> list[list[int]]:
@@ -327,6 +352,9 @@ def print_table(report: dict, args: Args) -> None:
     stages.print_table(f"Copyright unlearning | {args.corpus} | {args.model} | template: {args.template} | BLEU and "
                        f"FQ gap (|dBLEU| + 100 |dROUGE-L|) on 0-100, ROUGE-L recall and VerbMem/KnowMem ROUGE-L F1 "
                        f"on 0-1{muse}", report, ("reference", "original"), [c for c in TABLE if c[1] in ref])
+    stages.print_attack_tables(report, [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rougeL", ".3f"),
+                                        ("FQ gap", "forget_quality_gap", ".1f")],
+                               "FQ gap against the reference model attacked the same way")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch loads, before stages.main_gua
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import attacks
 import data
 import evaluate
 import flags
@@ -70,14 +71,15 @@ class Args(flags.RunArgs):
 # fine-tuning on `full` at lr 1e-5 (phi-1.5: 2e-5), unlearning at lr 1e-5 for 5 epochs, effective
 # batch 32, weight decay 0.01, one epoch of warmup. TOFU was published with Llama-2-7b-chat and
 # phi-1.5; FLAT's TOFU tables use the same models.
+# The relearning attack follows open-unlearning's metric study: one epoch of (half) the forget set at 2e-5.
 TOFU_PROTOCOL = dict(lr=1e-5, epochs=5, batch_size=8, grad_accum=4, finetune_lr=1e-5, finetune_epochs=5,
-                     retain_authors=None, eval_items=None)
+                     retain_authors=None, eval_items=None, relearn_lr=2e-5)
 PRESETS = {
     "phi-1.5": dict(finetune_lr=2e-5),
     # The offline default, sized for a 2-core CPU: forget01 (2 authors) and the first 2 retain
     # authors; the retain, real-author and world-fact sets are scored on their first 20 items.
     "smollm2-135m": dict(retain_authors=2, eval_items=20, finetune_lr=2e-4, finetune_epochs=5,
-                         lr=1e-4, epochs=2, batch_size=8, grad_accum=1),
+                         lr=1e-4, epochs=2, batch_size=8, grad_accum=1, relearn_lr=1e-4),
 }
 
 
@@ -87,6 +89,10 @@ def resolve(args: Args) -> Args:
 
 
 def check(args: Args) -> None:
+    attacks.parse(args.attacks)
+    if args.attacks not in ("", "none") and args.retain_logs:
+        raise flags.UsageError("--attacks compares each attacked model with the attacked retain model: it needs "
+                               "a retain model, not --retain-logs")
     if args.retain_logs and args.retain_model:
         raise flags.UsageError("--retain-logs and --retain-model both name the retain model's evaluation; pass one")
     for name in filter(None, [args.target_model, args.retain_model]):
@@ -151,8 +157,10 @@ def main(argv=None) -> dict:
         r["summary"] = {"forget_quality": evaluate.forget_quality(tr, retain_tr), "forget_quality_items": len(tr),
                         "privleak": mia.privleak(r["summary"]["mia_min_k"], 0.5 if retain_auc is None else retain_auc),
                         **r["summary"]}
+    attacked = robustness(run, {"retain": retain_model, **unlearned}, eval_sets, tok, style)  # --attacks
     report = run.finish(results, unlearned, {"target": target, "retain": retain_model or args.retain_logs},
-                        benchmark="tofu", title=f"TOFU {args.split} | {args.model}", **retain_logs_rows(retain_logs))
+                        benchmark="tofu", title=f"TOFU {args.split} | {args.model}", **retain_logs_rows(retain_logs),
+                        **attacked)
     print_table(report, args)
     return report
 
@@ -163,7 +171,11 @@ def tofu_eval_sets(args: Args) -> dict[str, list[dict]]:
     on); and the holdout set of the same size as the forget set, for membership inference."""
     cap = slice(None, args.eval_items)
     n_retain = None if args.retain_authors is None else args.retain_authors * data.AUTHOR_QA
-    return {"forget": data.load_tofu(f"{args.split}_perturbed", args.data_dir),
+    forget = data.load_tofu(f"{args.split}_perturbed", args.data_dir)
+    if "paraphrase" in attacks.parse(args.attacks) and not all(r.get("paraphrased_question") for r in forget):
+        raise data.DataError(f"--attacks prompt asks the forget questions in paraphrase: {args.split}_perturbed "
+                             f"needs a paraphrased_question in every row")
+    return {"forget": forget,
             "retain": data.load_tofu("retain_perturbed", args.data_dir)[:n_retain][cap],
             "ra": data.load_tofu("real_authors_perturbed", args.data_dir)[cap],
             "wf": data.load_tofu("world_facts_perturbed", args.data_dir)[cap],
@@ -200,6 +212,40 @@ def tofu_progress(run: stages.Run, eval_sets: dict, retain_model, retain_logs) -
     return train.once_at_step_0(progress)
 
 
+def robustness(run: stages.Run, targets: dict, eval_sets: dict, tok, style: str) -> dict:
+    """--attacks on the retain model and every unlearned one (attacks.py): per model and attack, TOFU's
+    forget metrics on the rows the attack scores (relearn: the forget half not relearned) and forget
+    quality against the retain model attacked the same way, with the same rows, steps and seed."""
+    args, forget = run.args, eval_sets["forget"]
+    evaluations = attacks.parse(args.attacks)
+    if not evaluations:
+        return {}
+    rows_per_step = args.batch_size * args.grad_accum
+    out = attacks.attack_models(
+        run, targets, evaluations, forget, lambda m, t, e, rows: attacked_forget(m, t, e, rows, args),
+        lambda rows, n: (data.finetune_epoch(tok, style, rows, rows_per_step, rng) for rng in data.epoch_rngs(n, args.seed)),
+        eval=run.key("eval", sets=data.digest(eval_sets)))
+    retain_tr = {e: out["retain"][e]["items"]["forget"]["truth_ratio"] for e in evaluations}
+    return {"attacks": {name: {e: {"forget_quality": evaluate.forget_quality(r["items"]["forget"]["truth_ratio"],
+                                                                             retain_tr[e]),
+                                   **r["summary"], "about": r["about"]} for e, r in per.items()}
+                        for name, per in out.items()}}
+
+
+def attacked_forget(model, tok, evaluation: str, rows: list[dict], args: Args) -> dict:
+    """TOFU's forget metrics of an attacked model: the questions as they are, in paraphrase
+    (TOFU's paraphrased_question), or with the answer begun by attacks.JAILBREAK."""
+    style = models.prompt_style(args.model, tok)
+    if evaluation == "paraphrase":
+        rows = [dict(r, question=r["paraphrased_question"]) for r in rows]
+    if evaluation == "jailbreak":
+        style = data.prefilled(style, attacks.JAILBREAK)
+    summary, items = evaluate.evaluate_tofu_set(model, tok, style, "forget", rows, args.max_new_tokens,
+                                                args.eval_batch_size)
+    items.pop("details", None)
+    return {"summary": summary, "items": {"forget": items}}
+
+
 def retain_logs_rows(retain_logs) -> dict:
     """With --retain-logs, the retain row of the report: forget quality 1 by definition, and its source."""
     if not retain_logs:
@@ -217,10 +263,15 @@ TABLE = [("FQ", "forget_quality", ".2e"), ("MU", "model_utility", ".3f"), ("forg
          ("MIA min-k", "mia_min_k", ".3f"), ("PrivLeak", "privleak", ".1f"), ("ES", "extraction_strength", ".3f")]
 
 
+ATTACK_TABLE = [("FQ", "forget_quality", ".2e"), ("forget P", "forget_Q_A_Prob", ".3f"),
+                ("forget R", "forget_Q_A_ROUGE", ".3f"), ("forget TR", "forget_truth_ratio", ".3f")]
+
+
 def print_table(report: dict, args: Args) -> None:
     items = f" | forget quality on {report['target']['forget_quality_items']} items" if args.retain_logs else ""
     stages.print_table(f"TOFU {args.split} | {args.model} | divergence {args.divergence} unless named (flat:NAME)"
                        f"{items}", report, ("target", "retain"), TABLE)
+    stages.print_attack_tables(report, ATTACK_TABLE, "FQ against the retain model attacked the same way")
 
 
 if __name__ == "__main__":

@@ -91,12 +91,13 @@ class Run:
         return stage_key(self.args, kind, self.compute, **reads)
 
     def stage(self, kind: str, name: str, **reads) -> Path:
-        """Where stage `kind` ("finetune", "unlearn" or "eval") of `name` lives: a directory (a model)
-        or, for "eval", a JSON file, named by a hash of self.key(kind, **reads). The names are those
+        """Where stage `kind` ("finetune", "unlearn", "eval" or "attack") of `name` lives: a directory
+        (a model) or, for "eval" and "attack", a JSON file, named by a hash of self.key(kind, **reads). The names are those
         of every earlier version of this project, so old run directories are reused."""
-        prefix = {"finetune": name, "unlearn": f"unlearn-{safe_name(name)}", "eval": f"eval-{name}"}[kind]
+        prefix = {"finetune": name, "unlearn": f"unlearn-{safe_name(name)}", "eval": f"eval-{name}",
+                  "attack": f"attack-{safe_name(name)}"}[kind]
         path = stage_dir(self.out, prefix, self.key(kind, **reads))
-        path = path.with_suffix(".json") if kind == "eval" else path
+        path = path.with_suffix(".json") if kind in ("eval", "attack") else path
         self._stages[path] = (kind, name)
         return path
 
@@ -230,6 +231,7 @@ def main_guard(main) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+        _INTERRUPTED.clear()  # handled: nothing after this run may stop for it
         distributed.close()
 
 
@@ -445,6 +447,19 @@ def print_table(header: str, report: dict, refs: tuple[str, ...], columns: list[
         print(f"| {name} | " + " | ".join(cell(row, k, f) for _, k, f in columns) + " |")
     for w in report["warnings"]:
         print(f"warning: not finite, written as null: {w}")
+
+
+def print_attack_tables(report: dict, columns: list[tuple[str, str, str]], note: str = "") -> None:
+    """One table per attack (report["attacks"], --attacks): each attacked model's forget metrics before
+    (its row of the main table) and after the attack."""
+    attacked = report.get("attacks") or {}
+    rows_before = {**{n: r for n, r in report.items() if isinstance(r, dict) and n in attacked}, **report["methods"]}
+    for evaluation in dict.fromkeys(e for per in attacked.values() for e in per):
+        table = {"methods": {name: {**{f"before:{k}": rows_before.get(name, {}).get(k) for _, k, _ in columns},
+                                    **per[evaluation]} for name, per in attacked.items() if evaluation in per},
+                 "warnings": []}
+        cols = [c for h, k, f in columns for c in ((f"{h} before", f"before:{k}", f), (f"{h} after", k, f))]
+        print_table(f"Attack: {evaluation}" + (f" | {note}" if note else ""), table, (), cols)
 
 
 def cell(row: dict, key: str, spec: str) -> str:
