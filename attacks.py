@@ -14,25 +14,28 @@ recovery is read against what such a model reaches. Each attacked evaluation is 
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
 
+import data
+import flags
 import flat
+import models
+import train
 
+# each attack and the evaluations it makes
 ATTACKS = flat.Choices("attack", {"relearn": ("relearn",), "quant8": ("quant8",), "quant4": ("quant4",),
                                   "prompt": ("paraphrase", "jailbreak")})
-JAILBREAK = "Sure, here is the answer:"  # the start of the assistant's answer (a prefilling attack)
-
-
 EVALUATIONS = tuple(e for es in ATTACKS.values() for e in es)
+JAILBREAK = "Sure, here is the answer:"  # the start of the assistant's answer (a prefilling attack)
 
 
 def parse(spec: str, supported: tuple[str, ...] = EVALUATIONS) -> list[str]:
     """--attacks as the evaluations it asks for: "all", "none" (or "") or a comma-separated list of
     ATTACKS; "prompt" is two evaluations, paraphrase and jailbreak. "all" keeps those a runner
     supports; an unknown name lists the valid ones, and one the runner's data cannot serve says so."""
-    import flags
     if spec in ("", "none"):
         return []
     names = list(ATTACKS) if spec == "all" else [s.strip() for s in spec.split(",")]
@@ -89,10 +92,6 @@ def run_attack(run, name: str, path, evaluation: str, score, relearn_epochs=None
     quant4: quantized; paraphrase and jailbreak: as it is, score changes the questions), then
     score(model, tok, evaluation) -> {"summary", "items"}. The attack's own record joins the result.
     `reads`: what the evaluation reads besides the model (its rows, the evaluation flags' key)."""
-    import dataclasses
-
-    import models
-    import train
     args, c = run.args, run.compute
     cache = run.stage("attack", f"{evaluation}-{name}", model=path, **reads)
     if run.missing(cache):
@@ -124,7 +123,6 @@ def attack_models(run, targets: dict, evaluations: list[str], rows: list, score,
     of batches) and scores the other half, every other attack scores all of them. score(model, tok,
     evaluation, rows) -> {"summary", "items"}. Returns {name: {evaluation: result}}.
     """
-    import data
     args = run.args
     learn, held = split_half(len(rows), args.seed)
     n_epochs = relearn_epochs_needed(args.relearn_steps, len(learn), args.batch_size * args.grad_accum)

@@ -240,18 +240,19 @@ def check_model_dir(path: str, trust_remote_code: bool = False, causal: bool = T
                 keys.update(st.keys())
         except Exception as e:  # any header or size error: the file is damaged
             raise ModelLoadError(f"{where}: {f.name} is damaged ({str(e).splitlines()[0]})") from None
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code) if causal else None
-    except (ValueError, KeyError) as e:
-        raise ModelLoadError(f"{where}: {config.model_type} is not a causal language model ({e})") from None
-    tied = set(getattr(skeleton, "_tied_weights_keys", None) or ()) if getattr(config, "tie_word_embeddings",
-                                                                              False) else set()
-    expected = {k for k, _ in skeleton.named_parameters()} - tied if causal else set()
-    missing = sorted(expected - keys)
-    if missing:
-        raise ModelLoadError(f"{where}: its weights lack {len(missing)} of the {len(expected)} parameters of "
-                             f"its config (e.g. {missing[0]})")
+    if causal:  # a judge or an embedding model is not a causal LM: its parameters are not compared
+        try:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"{where}: {config.model_type} is not a causal language model ({e})") from None
+        tied = set(getattr(skeleton, "_tied_weights_keys", None) or ()) if getattr(config, "tie_word_embeddings", False) \
+            else set()
+        expected = {k for k, _ in skeleton.named_parameters()} - tied
+        missing = sorted(expected - keys)
+        if missing:
+            raise ModelLoadError(f"{where}: its weights lack {len(missing)} of the {len(expected)} parameters of "
+                                 f"its config (e.g. {missing[0]})")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, TypeError) as e:
