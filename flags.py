@@ -18,7 +18,7 @@ import distributed
 import flat
 import models
 
-STAGES = ("finetune", "unlearn", "eval", "attack")
+STAGES = ("finetune", "unlearn", "eval", "attack", "zeroshot")
 
 
 class UsageError(ValueError):
@@ -44,11 +44,17 @@ def one_of(*names: str) -> Check:
     return Check(lambda v: v in names, "one of " + ", ".join(names))
 
 
-def arg(default, help: str, only: tuple | None = None, check: Check | None = None):
+def arg(default, help: str, only: tuple | None = None, check: Check | None = None, keyed: Callable | None = None):
     """A flag: a dataclass field with its one-line help. only: the stages (STAGES) whose output the
     flag changes, for stage keys; None means every stage (the safe default: a flag wrongly left
-    in a key costs a cache miss, one wrongly left out a stale result). check: its valid range."""
-    return dataclasses.field(default=default, metadata={"help": help, "only": only, "check": check})
+    in a key costs a cache miss, one wrongly left out a stale result). check: its valid range.
+    keyed(args): whether the flag is in keys at all (a feature's flags only while it is on, so
+    that adding the feature renamed no stage of a run without it)."""
+    return dataclasses.field(default=default, metadata={"help": help, "only": only, "check": check, "keyed": keyed})
+
+
+TRAINING = ("finetune", "unlearn", "attack")  # the stages that train a model
+lora_on = lambda args: args.lora > 0  # noqa: E731
 
 
 @dataclasses.dataclass
@@ -81,6 +87,27 @@ class RunArgs(flat.LossParams):
     relearn_lr: float | None = arg(None, "relearn attack: learning rate (default: the runner's preset)",
                                    only=("attack",), check=LEARNING_RATE)
     quant_group: int = arg(128, "quant attacks: weights per quantization group", only=("attack",), check=AT_LEAST_1)
+    lora: int = arg(0, "LoRA rank in every training stage (0: off, full fine-tuning): only the adapters train, "
+                       "a reference model is the same model with them off, the saved model has them merged",
+                    only=TRAINING, check=NON_NEGATIVE, keyed=lora_on)
+    lora_alpha: float | None = arg(None, "LoRA alpha, the adapters' scale being alpha / rank (default: 2 x rank)",
+                                   only=TRAINING, check=POSITIVE, keyed=lora_on)
+    lora_dropout: float = arg(0.0, "LoRA dropout on the adapters' input", only=TRAINING,
+                              check=Check(lambda v: 0 <= v < 1, "in [0, 1)"), keyed=lora_on)
+    lora_targets: str = arg("all-linear", "LoRA: the linear layers adapted, 'all-linear' (all but the output layer) "
+                                          "or comma-separated module names (q_proj,v_proj)", only=TRAINING,
+                            keyed=lora_on)
+    skip_memory_check: bool = arg(False, "on CUDA, train even when the memory planner says a stage will not fit "
+                                          "the GPU's free memory", only=())
+    zero_shot: str = arg("none", "zero-shot utility of every evaluated model through lm-evaluation-harness (FLAT's "
+                                 "tasks, utility.py): boolq, rte, winogrande, arc_challenge, arc_easy, openbookqa, piqa, "
+                                 "truthfulqa_mc1, truthfulqa_mc2 or any lm-eval task (from the Hub), a comma-separated "
+                                 "list, 'all' (those with local files) or 'none'", only=("zeroshot",))
+    zero_shot_limit: int | None = arg(None, "zero-shot: the first N items of each task (0: all)", only=("zeroshot",),
+                                      check=NON_NEGATIVE)
+    zero_shot_data: str | None = arg(None, "zero-shot: a folder laid out as vendored/zeroshot, read before it (rte, "
+                                           "whose licence keeps it out of the repository: rte/validation.jsonl)",
+                                     only=())  # the stage key holds the files' sha256
 
 
 def parse_args(cls, argv=None):
@@ -156,10 +183,13 @@ def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | Non
         check_out_dir(Path(args.out), args)
     if check is not None:
         check(args)
+    import utility
+    utility.resolve(args.zero_shot, args.zero_shot_data)  # the task files, read and checked
     return args
 
 
-INPUT_FLAGS = ("model", "target_model", "retain_model", "retain_logs", "data_dir", "text", "judge", "similarity")
+INPUT_FLAGS = ("model", "target_model", "retain_model", "retain_logs", "data_dir", "text", "judge", "similarity",
+               "zero_shot_data")
 
 
 def check_out_dir(out: Path, args=None) -> None:
@@ -188,6 +218,13 @@ def check_out_dir(out: Path, args=None) -> None:
         raise UsageError(f"--out {out}: {p} is not a directory")
     if not os.access(p, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: {p} is not writable")
+
+
+def lora(args) -> models.Lora | None:
+    """--lora and its settings (None when off); alpha defaults to twice the rank."""
+    if not args.lora:
+        return None
+    return models.Lora(args.lora, args.lora_alpha or 2.0 * args.lora, args.lora_dropout, args.lora_targets, args.seed)
 
 
 def loss_params(args) -> flat.LossParams:

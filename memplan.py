@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import distributed
+import flags
 import flat
 import models
 import train
@@ -34,20 +35,35 @@ from flat import IGNORE_INDEX
 PLAN_METHODS = ("flat", "npo")      # FLAT alone; NPO with its frozen reference model
 PLAN_PRECISIONS = ("mixed", "bf16")
 PLAN_WORLDS = (1, 2, 4, 8)
-GPU_GB = 80                          # one 80 GB GPU (A100/H100)
+PLAN_LORA = (8, 16, 64)              # LoRA ranks planned for the papers' models, one process, checkpointing on
+GPU_GBS = (80, 24)                   # one 80 GB GPU (A100/H100), one 24 GB GPU (RTX 3090/4090, A10)
 HEADROOM = 0.9                       # the share of it a run can count on (CUDA context, allocator, workspaces)
 
 
 def plan_rows() -> list[dict]:
-    """Every setting the planner's table has: architecture x method x precision x checkpointing x processes."""
-    return [dict(model=m, method=meth, precision=p, gc=gc, world=w) for m in ARCHS for meth in PLAN_METHODS
+    """Every setting the planner's table has: architecture x method x precision x checkpointing x processes,
+    full fine-tuning; then LoRA (PLAN_LORA) on OPT-2.7B and Llama-2-7B, one process, checkpointing on."""
+    full = [dict(model=m, method=meth, precision=p, gc=gc, world=w, lora=0) for m in ARCHS for meth in PLAN_METHODS
             for p in PLAN_PRECISIONS for gc in (True, False) for w in PLAN_WORLDS]
+    return full + [dict(model=m, method=meth, precision=p, gc=True, world=1, lora=r) for m in ("opt-2.7b", "llama2-7b")
+                   for meth in PLAN_METHODS for p in PLAN_PRECISIONS for r in PLAN_LORA]
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
 
 
 def _peak_only(tracker_cls):
     """A memory tracker keeping the whole-process peak only: the stock trackers also keep every
     module's peak, which costs O(modules) per operator (a 100x slowdown on a 30-layer model)."""
     class PeakOnly(tracker_cls):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            for p in module.parameters():  # a frozen parameter (LoRA's base weights) gets no gradient to hook
+                if not p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                    self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
         def _update_peak_stats(self, peak_state):
             for dev, snap in self._curr_mem_snap.items():
                 if self._peak_mem.get(dev, 0) < snap["Total"]:
@@ -92,12 +108,15 @@ def step_batch(method: flat.Method, vocab: int, batch: int, length: int) -> dict
     return {"forget": rows[:batch], **({"template": rows[batch:]} if method.template else {})}
 
 
-def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: int, length: int) -> dict:
+def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: int, length: int, lora: int = 0,
+                     rows: dict | None = None) -> dict:
     """Peak memory in bytes of one unlearning step of this project (train.batch_loss, the AdamW of
-    train.optimizer_and_schedule, backward, clipping, the optimiser step; the frozen reference for methods
-    that have one), run on fake tensors under a memory tracker, in the current process group (a fake
-    one of N processes: each process's share, FSDP2-sharded as distributed.shard does it). The second of
-    two steps is the peak: AdamW's moments exist from the first.
+    train.optimizer_and_schedule, backward, clipping, the optimiser step; the reference for methods
+    that have one, as train.training_model makes it), run on fake tensors under a memory tracker, in
+    the current process group (a fake one of N processes: each process's share, FSDP2-sharded as
+    distributed.shard does it). lora: the rank of --lora (0: full fine-tuning). rows: a real
+    micro-batch ({stream: rows}) instead of step_batch's. The second of two steps is the peak: AdamW's
+    moments exist from the first.
     Returns {params, grads, optimizer, activations (and temporaries, gathered parameters and
     communication buffers), reference, total}."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -105,24 +124,37 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoModelForCausalLM
     compute = models.Compute("cpu", precision, gc)
-    method, params = flat.LOSSES[method_name], flat.LossParams()
+    method, params = train.FINETUNE if method_name == "finetune" else flat.LOSSES[method_name], flat.LossParams()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    if lora:  # peft moves each adapter to its layer's device by swapping parameters, which a fake tensor
+        with torch.device("meta"):  # refuses: the model is built on the meta device, then given fake storage
+            model = models.with_lora(AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype),
+                                     models.Lora(lora, 2.0 * lora))
+        with fake_mode:
+            model.to_empty(device="cpu")
+            model.get_base_model().tie_weights()
+    else:
+        with fake_mode:
+            model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
     with fake_mode:  # the parameters, and so everything computed from them, are fake
-        model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
         if gc:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        ref = models.frozen_copy(model) if method.reference else None
+        ref = None  # as train.training_model makes it (a copy in the compute dtype: built anew, since
+        if method.reference:  # a fake tensor cannot be cast in place), or the model with its adapters off
+            ref = models.AdaptersOff(model) if lora else models.frozen_copy(
+                AutoModelForCausalLM.from_config(config, dtype=compute.eval_dtype))
     sharded = distributed.world() > 1
     if sharded:  # outside the fake mode: the device mesh is made of real tensors
-        for m in filter(None, (model, ref)):
+        for m in (model, ref) if ref is not None and not lora else (model,):
             distributed.shard(m, frozen=m is ref)
     nbytes = lambda m: sum(distributed.local(p).numel() * p.element_size() for p in m.parameters())  # noqa: E731
-    param_bytes, ref_bytes = nbytes(model), nbytes(ref) if ref is not None else 0  # resident: sharded
-    if ref is not None:  # MemTracker hooks the gradient of every parameter it sees in a forward pass, which
-        ref.requires_grad_(True)  # fails on frozen ones; the reference runs under no_grad: no gradient is made
+    copy = ref if not lora else None  # a LoRA run's reference is the model itself
+    param_bytes, ref_bytes = nbytes(model), nbytes(copy) if copy is not None else 0  # resident: sharded
+    if copy is not None:  # MemTracker hooks the gradient of every parameter it sees in a forward pass, which
+        copy.requires_grad_(True)  # fails on frozen ones; the reference runs under no_grad: no gradient is made
     model.train()
     opt, _ = train.optimizer_and_schedule(model, 1e-5, 0.01, 0, 10)
-    b = step_batch(method, config.vocab_size, batch, length)
+    b = rows or step_batch(method, config.vocab_size, batch, length)
     tracker = _peak_only(FSDPMemTracker)(model, opt) if sharded else _peak_only(MemTracker)()
     tracker.track_external(*filter(None, (model, opt, ref)))
     with fsdp_allocations_in(fake_mode), tracker:
@@ -157,7 +189,8 @@ def worker_plan(cfg: dict) -> dict:
         config = arch_config(row["model"])
         t = time.perf_counter()
         rows.append({**row, **plan_step_memory(config, row["method"], row["precision"], row["gc"], cfg["batch"],
-                                               cfg["length"]), "seconds": time.perf_counter() - t})
+                                               cfg["length"], row.get("lora", 0), cfg.get("batch_rows")),
+                     "seconds": time.perf_counter() - t})
     return {"rows": rows}
 
 
@@ -183,7 +216,7 @@ def worker_measure(cfg: dict) -> dict:
     model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
     if cfg["gc"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = models.frozen_copy(model) if method.reference else None
+    ref = models.frozen_copy(model, compute.eval_dtype) if method.reference else None
     model.train()
     opt, _ = train.optimizer_and_schedule(model, 1e-5, 0.01, 0, 10)
     for _ in range(2):
@@ -231,6 +264,7 @@ def plan_memory_table(args, out: Path) -> None:
         if mine:
             planned += spawn(dict(kind="plan", world=world, rows=mine, batch=batch, length=length))["rows"]
             print(f"planned {len(planned)}/{len(rows)} rows", flush=True)
+    planned.sort(key=lambda r: r["lora"] > 0)  # the LoRA rows last
     check = dict(model="smollm2-135m", method="flat", precision="fp32", gc=False, batch=4, length=256)
     est = spawn(dict(kind="plan", world=1, rows=[{k: check[k] for k in ("model", "method", "precision", "gc")}],
                      batch=check["batch"], length=check["length"]))["rows"][0]
@@ -248,24 +282,88 @@ def plan_memory_table(args, out: Path) -> None:
              f"forward pass (set_to_none: no gradient exists yet), *optimizer* includes the step's temporaries where "
              f"it falls in the optimiser step. *activations* holds everything that is not a parameter, gradient, "
              f"optimiser state or the reference: activations, temporaries, gathered parameters, communication "
-             f"buffers. *fits* = total <= "
-             f"{HEADROOM:.0%} of {GPU_GB} GB (the rest for the CUDA context, allocator fragmentation and workspaces).\n",
+             f"buffers. The reference is a frozen copy in the compute dtype (bf16 under mixed precision), or with "
+             f"--lora the model itself with its adapters off (no copy: 0). *fits* = total <= "
+             f"{HEADROOM:.0%} of the GPU's memory (the rest for the CUDA context, allocator fragmentation and "
+             f"workspaces).\n",
              f"**Planner against a measurement** (CPU, SmolLM2-135M architecture, FLAT, fp32, {check['batch']} x "
              f"{check['length']} tokens): planned {gib(est['total']):.2f} GiB, measured {gib(meas['measured']):.2f} GiB "
              f"(peak resident memory of a fresh process above what it held before building the model), planned / "
              f"measured = {est['total'] / meas['measured']:.3f}.\n",
-             "| model | method | precision | grad. ckpt | processes | params | grads | optimizer | activations | "
-             "reference | total | fits one 80 GB GPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | method | precision | grad. ckpt | processes | LoRA | params | grads | optimizer | activations | "
+             "reference | total | " + " | ".join(f"fits one {gb} GB GPU" for gb in GPU_GBS) + " |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(GPU_GBS)]
     for r in planned:
         lines.append(f"| {r['model']} | {r['method']} | {r['precision']} | {'on' if r['gc'] else 'off'} | {r['world']} | "
-                     f"{gib(r['params']):.1f} | {gib(r['grads']):.1f} | {gib(r['optimizer']):.1f} | "
+                     f"{r['lora'] or '-'} | {gib(r['params']):.1f} | {gib(r['grads']):.1f} | {gib(r['optimizer']):.1f} | "
                      f"{gib(r['activations']):.1f} | {gib(r['reference']):.1f} | {gib(r['total']):.1f} | "
-                     f"{'yes' if r['total'] <= HEADROOM * GPU_GB * 1e9 else 'no'} |")
+                     + " | ".join('yes' if r['total'] <= HEADROOM * gb * 1e9 else 'no' for gb in GPU_GBS) + " |")
     lines += ["", "## Measured on a GPU", "", "Not measured yet: no GPU was available to this work "
               "(`python bench.py --device cuda --memory` measures the CUDA rows next to these)."]
     write_text_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory check before a training stage loads its model (CUDA only)
+# ---------------------------------------------------------------------------------------------
+
+def free_bytes(device: str) -> int | None:
+    """The free memory of a CUDA device (None elsewhere: the check runs on CUDA only)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(torch.device(device))[0]
+
+
+def check_fits(start, method_name: str, plan, compute: models.Compute, args, world: int) -> None:
+    """Before a training stage loads its weights: plan its peak memory (plan_step_memory on the
+    stage's own largest micro-batch, in a worker process; 10-20 s for a 7B model) and, if it
+    exceeds HEADROOM of the device's free memory, stop with one line naming the settings estimated
+    to fit. Runs on CUDA only; --skip-memory-check skips it."""
+    free = free_bytes(compute.device)
+    if free is None or getattr(args, "skip_memory_check", False):
+        return
+    micro = max((m.batch for step in plan.steps for m in step),
+                key=lambda b: sum(len(rows) for rows in b.values()) * max(len(r["input_ids"]) for rows in b.values()
+                                                                           for r in rows))
+    rows = {k: [{f: list(r[f]) for f in ("input_ids", "labels") if f in r} for r in v] for k, v in micro.items()}
+    row = dict(model=str(start), method=method_name, precision=compute.precision, gc=compute.gradient_checkpointing,
+               lora=args.lora)
+    est = spawn(dict(kind="plan", world=world, rows=[row], batch=0, length=0, batch_rows=rows))["rows"][0]
+    if est["total"] <= HEADROOM * free:
+        return
+    n_rows, length = len(next(iter(rows.values()))), max(len(r["input_ids"]) for v in rows.values() for r in v)
+    fits = [f"{flag} (about {gib:.1f} GiB)" for flag, gib in alternatives(est, compute.precision, args.lora, world,
+                                                                           HEADROOM * free)]
+    raise flags.UsageError(
+        f"this training stage needs about {est['total'] / 2**30:.1f} GiB per process on {compute.device} "
+        f"(memory planner: {method_name}, {compute.precision}, checkpointing "
+        f"{'on' if compute.gradient_checkpointing else 'off'}{f', LoRA {args.lora}' if args.lora else ''}, "
+        f"{n_rows} x {length} tokens per micro-batch) and {free / 2**30:.1f} GiB is free; "
+        + (f"settings estimated to fit: {', '.join(fits)}" if fits else
+           "no single change of --precision bf16, --lora 16 or torchrun up to 8 processes is estimated to fit: "
+           "lower --batch-size (raise --grad-accum)")
+        + "; --skip-memory-check runs anyway")
+
+
+def alternatives(est: dict, precision: str, lora: int, world: int, budget: float) -> list[tuple[str, float]]:
+    """Settings estimated to fit `budget` bytes, from the planned breakdown `est` (plan_step_memory's):
+    bf16 weights halve parameters, gradients and AdamW's moments; LoRA leaves the base weights and the
+    activations, with no reference copy, gradient or moment of size; N processes divide everything but
+    the activations by N / world. Estimates, stated as such: each setting's own plan is the exact number."""
+    state = est["params"] + est["grads"] + est["optimizer"] + est["reference"]
+    out = []
+    if precision != "bf16":
+        out.append(("--precision bf16", est["total"] - (est["params"] + est["grads"] + est["optimizer"]) / 2))
+    if not lora:
+        out.append(("--lora 16", est["params"] + est["activations"]))
+    for n in (2, 4, 8):
+        if n > world:
+            per = state * world / n + est["activations"]
+            if per <= budget:
+                out.append((f"torchrun --nproc_per_node {n}", per))
+                break
+    return [(flag, b / 2**30) for flag, b in out if b <= budget]
 
 
 WORKERS = {"plan": worker_plan, "measure": worker_measure}

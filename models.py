@@ -180,15 +180,96 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def frozen_copy(model):
+def frozen_copy(model, dtype: torch.dtype | None = None):
     """The reference model of methods that need one (kl, dpo, npo, llmu): a copy of the weights
-    before unlearning, in eval mode, without gradients. Call it only for those methods."""
+    before unlearning, in eval mode, without gradients. Call it only for those methods. dtype: the
+    run's compute dtype (Compute.eval_dtype): never trained, it needs no fp32 master weights, and
+    under bf16 autocast its matrix products run in bf16 anyway; it halves the copy's memory."""
     ref = copy.deepcopy(model)
+    if dtype is not None:
+        ref.to(dtype)
     ref.eval()
     ref.requires_grad_(False)
     if ref.is_activation_checkpointing:
         ref.activation_checkpointing_disable()
     return ref
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2022) through peft: only low-rank adapters train; the reference is the same model
+# with its adapters off, and the saved model has them merged into plain weights
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lora:
+    """--lora R: W x + (alpha / r) B A x on every targeted linear layer, A (r, in) and B (out, r)."""
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    targets: str = "all-linear"  # peft: every nn.Linear of the model but its output layer, whatever the architecture
+    seed: int = 0                # of A's random initialisation (B starts at 0)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+def with_lora(model, lora: Lora):
+    """The model with trainable LoRA adapters (B = 0 at first: the model is unchanged) and every
+    other parameter frozen (peft.get_peft_model). A is drawn from its own seed, so that a stage's
+    adapters do not depend on what the process drew before (another method's stage, a test)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    targets = lora.targets if lora.targets == "all-linear" else [t.strip() for t in lora.targets.split(",")]
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # the process's own draws untouched
+        # peft reads a checkpointing flag under the name transformers 5 deprecates: nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(lora.seed)
+        return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class AdaptersOff(torch.nn.Module):
+    """The reference model of a LoRA run: the model being trained with its adapters disabled, that is
+    the base weights, which LoRA never changes; so no second copy of the weights exists. Called like
+    a model (in eval mode, as frozen_copy's; the caller runs it under torch.no_grad())."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        training = self.model.training
+        self.model.eval()  # dropout off, as in a frozen copy
+        try:
+            with self.model.disable_adapter():
+                return self.model(*args, **kwargs)
+        finally:
+            self.model.train(training)
+
+
+def merge_lora(state: dict[str, torch.Tensor], scale: float) -> tuple[dict, dict]:
+    """A LoRA model's state dict as (the plain model's state dict, the adapter's tensors): each adapted
+    weight W + scale * B @ A (computed in fp32, stored in W's dtype), peft's prefixes and `base_layer`
+    removed, so that AutoModelForCausalLM loads the result without peft."""
+    prefix, plain, adapter = "base_model.model.", {}, {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            adapter[key] = value
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        plain[name.replace(".base_layer.", ".")] = value
+    for key in [k for k in adapter if ".lora_A." in k]:
+        module = key.split(".lora_A.")[0][len(prefix):]
+        A, B = adapter[key], adapter[key.replace(".lora_A.", ".lora_B.")]
+        W = plain[module + ".weight"]
+        plain[module + ".weight"] = (W.float() + scale * (B.float() @ A.float())).to(W.dtype)
+    return plain, adapter
 
 
 # ---------------------------------------------------------------------------------------------

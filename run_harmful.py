@@ -39,6 +39,7 @@ import judges
 import models
 import stages
 import train
+import utility
 from flags import AT_LEAST_1, NON_NEGATIVE, LEARNING_RATE, arg, one_of
 
 
@@ -156,6 +157,7 @@ def main(argv=None) -> dict:
     models_to_eval = {"base": args.model if args.eval_base and args.finetune_epochs else None,
                       "original": original, **unlearned}
     results = {name: ev(name, path) for name, path in models_to_eval.items() if path}
+    utility.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
     attacked = robustness(run, {"original": original, **unlearned}, ev, forget, tok, style)  # --attacks
     report = run.finish(results, unlearned, {"original": original}, judge=ev.judge.about, benchmark=args.task,
                         title=f"{args.task} | {args.model}", **attacked)
@@ -397,7 +399,8 @@ def judge_line(j: dict) -> str:
 def print_table(report: dict, args: Args) -> None:
     task = TASKS[args.task]
     stages.print_table(f"{task.title} | {args.model} | {judge_line(report['judge'])}", report, ("base", "original"),
-                       task.table + UTILITY)
+                       task.table + UTILITY + [utility.COLUMN])
+    utility.print_table(report, ("base", "original"))
     stages.print_attack_tables(report, [task.table[0], ("refusal seen", "refusal_seen", ".1%")])
 
 

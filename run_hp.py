@@ -44,6 +44,7 @@ import mia
 import models
 import stages
 import train
+import utility
 from flags import AT_LEAST_1, FRACTION, NON_NEGATIVE, LEARNING_RATE, arg, one_of
 
 
@@ -80,6 +81,9 @@ class Args(flags.RunArgs):
     finetune_epochs: Optional[int] = arg(None, "epochs of that fine-tuning", only=("finetune",), check=AT_LEAST_1)
     warmup_epochs: float = arg(0.0, "linear warmup in epochs, then linear decay to 0", check=NON_NEGATIVE)
     eval_batch_size: int = arg(16, "prompts per generation batch", only=("eval",), check=AT_LEAST_1)
+    zero_shot: str = arg("all", "zero-shot utility through lm-evaluation-harness, as FLAT reports it (utility.py): task "
+                                "names, a comma-separated list, 'all' (those with local files) or 'none'",
+                         only=("zeroshot",))
 
 
 # FLAT's HP setting: 400 chunks, lr 2e-7 (Llama-2), batch 4 x 4 x 2 GPUs, 5 epochs; FLAT used OPT-2.7B
@@ -159,8 +163,9 @@ def main(argv=None) -> dict:
         return {}  # under torchrun, rank 0 alone evaluates
 
     # -- 3. evaluation; FLAT's forget quality gap and MUSE's PrivLeak against the reference model --------
-    results = {name: ev(name, path) for name, path in {"reference": args.model, "original": original,
-                                                       **unlearned}.items()}
+    models_to_eval = {"reference": args.model, "original": original, **unlearned}
+    results = {name: ev(name, path) for name, path in models_to_eval.items()}
+    utility.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
     ref = results["reference"]["summary"]
     for r in results.values():
         r["summary"] = {**r["summary"], "forget_quality_gap": evaluate.forget_quality_gap(r["summary"], ref),
@@ -341,7 +346,7 @@ TABLE = [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rouge
          ("FQ gap", "forget_quality_gap", ".1f"), ("VerbMem", "verbmem_forget", ".3f"),
          ("KnowMem forget", "knowmem_forget", ".3f"), ("KnowMem retain", "knowmem_retain", ".3f"),
          ("PrivLeak", "privleak", ".1f"), ("WikiText ppl", "wikitext_ppl", ".2f"),
-         ("held-out book ppl", "held_out_book_ppl", ".2f")]
+         ("held-out book ppl", "held_out_book_ppl", ".2f"), utility.COLUMN]
 
 
 def print_table(report: dict, args: Args) -> None:
@@ -351,7 +356,8 @@ def print_table(report: dict, args: Args) -> None:
             f"{report['muse_articles']} articles trained on") if "muse_articles" in report else ""
     stages.print_table(f"Copyright unlearning | {args.corpus} | {args.model} | template: {args.template} | BLEU and "
                        f"FQ gap (|dBLEU| + 100 |dROUGE-L|) on 0-100, ROUGE-L recall and VerbMem/KnowMem ROUGE-L F1 "
-                       f"on 0-1{muse}", report, ("reference", "original"), [c for c in TABLE if c[1] in ref])
+                       f"on 0-1{muse}", report, ("reference", "original"), TABLE)
+    utility.print_table(report, ("reference", "original"))
     stages.print_attack_tables(report, [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rougeL", ".3f"),
                                         ("FQ gap", "forget_quality_gap", ".1f")],
                                "FQ gap against the reference model attacked the same way")

@@ -33,6 +33,7 @@ import mia
 import models
 import stages
 import train
+import utility
 from flags import AT_LEAST_1, NON_NEGATIVE, LEARNING_RATE, arg
 
 
@@ -150,6 +151,7 @@ def main(argv=None) -> dict:
     # -- 4. evaluation: TOFU's metrics; forget quality and PrivLeak against the retain model -------------
     models_to_eval = {"target": target, "retain": retain_model, **unlearned}
     results = {name: evaluation(run, name, path, eval_sets) for name, path in models_to_eval.items() if path}
+    utility.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
     retain_tr, retain_auc = (retain_logs["truth_ratio"], retain_logs["mia_min_k"]) if retain_logs else \
         (results["retain"]["items"]["forget"]["truth_ratio"], results["retain"]["summary"]["mia_min_k"])
     for r in results.values():
@@ -260,7 +262,8 @@ TABLE = [("FQ", "forget_quality", ".2e"), ("MU", "model_utility", ".3f"), ("forg
          ("forget R", "forget_Q_A_ROUGE", ".3f"), ("forget TR", "forget_truth_ratio", ".3f"),
          ("retain P", "retain_Q_A_Prob", ".3f"), ("retain R", "retain_Q_A_ROUGE", ".3f"),
          ("RA P", "ra_Q_A_Prob_normalised", ".3f"), ("WF P", "wf_Q_A_Prob_normalised", ".3f"),
-         ("MIA min-k", "mia_min_k", ".3f"), ("PrivLeak", "privleak", ".1f"), ("ES", "extraction_strength", ".3f")]
+         ("MIA min-k", "mia_min_k", ".3f"), ("PrivLeak", "privleak", ".1f"), ("ES", "extraction_strength", ".3f"),
+         utility.COLUMN]
 
 
 ATTACK_TABLE = [("FQ", "forget_quality", ".2e"), ("forget P", "forget_Q_A_Prob", ".3f"),
@@ -271,6 +274,7 @@ def print_table(report: dict, args: Args) -> None:
     items = f" | forget quality on {report['target']['forget_quality_items']} items" if args.retain_logs else ""
     stages.print_table(f"TOFU {args.split} | {args.model} | divergence {args.divergence} unless named (flat:NAME)"
                        f"{items}", report, ("target", "retain"), TABLE)
+    utility.print_table(report, ("target", "retain"))
     stages.print_attack_tables(report, ATTACK_TABLE, "FQ against the retain model attacked the same way")
 
 

@@ -91,13 +91,13 @@ class Run:
         return stage_key(self.args, kind, self.compute, **reads)
 
     def stage(self, kind: str, name: str, **reads) -> Path:
-        """Where stage `kind` ("finetune", "unlearn", "eval" or "attack") of `name` lives: a directory
-        (a model) or, for "eval" and "attack", a JSON file, named by a hash of self.key(kind, **reads). The names are those
-        of every earlier version of this project, so old run directories are reused."""
+        """Where stage `kind` (flags.STAGES) of `name` lives: a directory (a model) or, for "eval",
+        "attack" and "zeroshot", a JSON file, named by a hash of self.key(kind, **reads). The names are
+        those of every earlier version of this project, so old run directories are reused."""
         prefix = {"finetune": name, "unlearn": f"unlearn-{safe_name(name)}", "eval": f"eval-{name}",
-                  "attack": f"attack-{safe_name(name)}"}[kind]
+                  "attack": f"attack-{safe_name(name)}", "zeroshot": f"zeroshot-{safe_name(name)}"}[kind]
         path = stage_dir(self.out, prefix, self.key(kind, **reads))
-        path = path.with_suffix(".json") if kind in ("eval", "attack") else path
+        path = path.with_suffix(".json") if kind in ("eval", "attack", "zeroshot") else path
         self._stages[path] = (kind, name)
         return path
 
@@ -268,7 +268,9 @@ def stage_key(args, stage: str, compute: models.Compute, **extra) -> dict:
     loss_fields = {f.name for f in dataclasses.fields(flat.LossParams)}
     key = {}
     for f in dataclasses.fields(args):
-        only = f.metadata.get("only")
+        only, keyed = f.metadata.get("only"), f.metadata.get("keyed")
+        if keyed is not None and not keyed(args):
+            continue
         if f.name not in loss_fields and (only is None or stage in only):
             value = getattr(args, f.name)
             key[f.name] = model_id(value) if f.name in MODEL_FLAGS and value else value
@@ -381,6 +383,12 @@ def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) ->
     interrupted run never leaves a half-written model that a rerun would trust. Under torchrun every
     rank gathers the full state dict and rank 0 writes it."""
     state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    lora = models.is_lora(model)
+    if lora and distributed.is_main():  # merged into plain weights; the adapter itself saved beside them
+        config = model.peft_config["default"]
+        state, adapter = models.merge_lora(state if state is not None else model.state_dict(),
+                                           config.lora_alpha / config.r)
+        model = model.get_base_model()
     if state is not None and getattr(model.config, "tie_word_embeddings", False):
         for key in getattr(model, "_tied_weights_keys", None) or ():  # e.g. lm_head.weight: the embedding's copy
             state.pop(key, None)
@@ -389,6 +397,8 @@ def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) ->
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-"))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model is an ordinary directory
         model.save_pretrained(tmp, state_dict=state)
+        if lora:
+            save_adapter(tmp / "adapter", config, adapter)
         tokenizer.save_pretrained(tmp)
         for name, obj in {**extra, WEIGHT_SUMS: weight_sums(tmp)}.items():
             write_json(tmp / name, obj)
@@ -396,6 +406,16 @@ def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) ->
             shutil.rmtree(path)
         tmp.rename(path)
     distributed.barrier()
+
+
+def save_adapter(path: Path, config, adapter: dict) -> None:
+    """The LoRA adapter as peft saves one (adapter_config.json, adapter_model.safetensors; keys without
+    the adapter's name), for PeftModel.from_pretrained(base_model, path)."""
+    from safetensors.torch import save_file
+    path.mkdir()
+    config.save_pretrained(path)
+    save_file({k.replace(".default.", "."): v.contiguous() for k, v in adapter.items()},
+              str(path / "adapter_model.safetensors"))
 
 
 def write_cache(path: Path, obj) -> None:
@@ -439,11 +459,14 @@ def finite_report(report, path: str = "") -> tuple[object, list[str]]:
 
 def print_table(header: str, report: dict, refs: tuple[str, ...], columns: list[tuple[str, str, str]]) -> None:
     """The run's table (markdown): the reference rows of `refs` the report has, then one row per
-    method; columns are (heading, results.json key, format). Then a line per non-finite metric."""
+    method; columns are (heading, results.json key, format), a column no row has left out. Then a line
+    per non-finite metric."""
+    rows = [(n, report[n]) for n in refs if n in report] + list(report["methods"].items())
+    columns = [c for c in columns if any(c[1] in row for _, row in rows)]
     print(f"\n{header}")
     print("| model | " + " | ".join(h for h, _, _ in columns) + " |")
     print("|---|" + "---|" * len(columns))
-    for name, row in [(n, report[n]) for n in refs if n in report] + list(report["methods"].items()):
+    for name, row in rows:
         print(f"| {name} | " + " | ".join(cell(row, k, f) for _, k, f in columns) + " |")
     for w in report["warnings"]:
         print(f"warning: not finite, written as null: {w}")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import data
 import distributed
+import flags
 import flat
 import models
 import stages
@@ -109,9 +110,12 @@ def fit(run, path, start, method: flat.Method, params: flat.LossParams | None, e
     """One training stage: a copy of the model `start` (and, when the method has one, its frozen
     reference) trained with `method` over the optimiser steps of `epochs`, saved to `path` by `run`
     (stages.Run). max_steps: default --max-steps; args: the flags the loop reads (default the run's)."""
+    import memplan  # (it imports this module)
     args = args or run.args
-    model, tok, ref = training_model(start, run.compute, args.trust_remote_code, reference=bool(method.reference))
     plan = plan_steps(epochs, args.batch_size, max_steps or args.max_steps, run.world, distributed.rank())
+    memplan.check_fits(start, method.name, plan, run.compute, args, run.world)  # CUDA: stop before loading if too big
+    model, tok, ref = training_model(start, run.compute, args.trust_remote_code, reference=bool(method.reference),
+                                     lora=flags.lora(args))
     log, evals = train(model, tok, plan, method, params, lr, args, run.compute, run.stage_name(path), ref, progress)
     run.save(path, model, tok, log, evals)
 
@@ -256,15 +260,21 @@ def reference_stats(ref_model, b: dict, rows: dict[str, slice], streams: tuple, 
 FINETUNE = flat.Method(lambda s, p: -s["answer"].logp_mean, name="finetune")
 
 
-def training_model(name, compute: models.Compute, trust_remote_code: bool = False, reference: bool = False):
-    """(model, tokenizer, frozen reference or None) to train, in the run's precision; under torchrun
-    both models are sharded (distributed.shard) after the reference is copied from the full model."""
+def training_model(name, compute: models.Compute, trust_remote_code: bool = False, reference: bool = False,
+                   lora: models.Lora | None = None):
+    """(model, tokenizer, frozen reference or None) to train, in the run's precision. Without LoRA the
+    reference is a frozen copy in the compute dtype; with it (--lora), the model itself with its
+    adapters off. Under torchrun the models are sharded (distributed.shard) after the copy is made."""
     sharded = distributed.world() > 1
     model, tok = models.load_model(str(name), "cpu" if sharded else compute.device, compute.train_dtype,
                                    compute.gradient_checkpointing, trust_remote_code)
-    ref = models.frozen_copy(model) if reference else None
+    if lora:
+        model = models.with_lora(model, lora)
+    ref = None
+    if reference:
+        ref = models.AdaptersOff(model) if lora else models.frozen_copy(model, compute.eval_dtype)
     if sharded:
-        for m in filter(None, (model, ref)):
+        for m in (model, ref) if ref is not None and not lora else (model,):
             distributed.shard(m, frozen=m is ref)
             m.to(compute.device)
     return model, tok, ref

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOFU_SMOKE = ["--max-steps", "2", "--retain-authors", "1", "--eval-items", "2", "--max-new-tokens", "2",
               "--batch-size", "2", "--log-every", "1", "--lr", "1e-3", "--finetune-lr", "1e-3", "--warmup-epochs", "0"]
 BOOK_SMOKE = ["--max-steps", "2", "--n-chunks", "4", "--chunk-tokens", "24", "--prompt-tokens", "8", "--eval-chunks", "2",
-              "--ppl-chunks", "2", "--log-every", "1", "--lr", "1e-3", "--finetune-lr", "1e-3"]
+              "--ppl-chunks", "2", "--log-every", "1", "--lr", "1e-3", "--finetune-lr", "1e-3",
+              "--zero-shot", "arc_easy", "--zero-shot-limit", "2"]  # run_hp's zero-shot default, one task, 2 items
 
 
 def make_tiny_model(out_dir, arch: str = "llama", tie: bool = False):

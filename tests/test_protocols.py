@@ -65,7 +65,7 @@ def test_a_muse_run_scores_only_what_it_trained_on(tiny_model_dir, tmp_path):
     p = run_script("run_hp.py", "--model", tiny_model_dir, "--corpus", "muse-news", "--out", str(tmp_path / "m"),
                    "--muse-probes", "2", "--privleak-texts", "1", "--max-new-tokens", "4", "--method", "ga",
                    "--max-steps", "1", "--chunk-tokens", "48", "--prompt-tokens", "8", "--eval-chunks", "2",
-                   "--ppl-chunks", "2", "--batch-size", "4")
+                   "--ppl-chunks", "2", "--batch-size", "4", "--zero-shot", "none")
     report = json.loads((tmp_path / "m" / "results.json").read_text())
     items = json.loads((tmp_path / "m" / "eval_items.json").read_text())
     sel = corpora.muse_forget_set(corpora.load_muse(), 2, 1)
