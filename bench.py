@@ -150,6 +150,9 @@ def reference_generate(model, tokenizer, style, questions, max_new_tokens=FIXED_
 # Workers: one measurement each, in its own process
 # ---------------------------------------------------------------------------------------------
 
+SMOLLM2_FILES = ROOT / "vendored" / "smollm2_tokenizer"
+
+
 def load(name: str, device: str, dtype, gc: bool):
     """A real model (alias or directory), or an architecture of ARCHS with random weights and the
     SmolLM2 tokenizer (token ids folded into its vocabulary)."""
@@ -164,7 +167,7 @@ def load(name: str, device: str, dtype, gc: bool):
     if gc:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    tok = models.load_tokenizer("smollm2-135m")
+    tok = models.load_tokenizer(str(SMOLLM2_FILES))  # SmolLM2's tokenizer files, no weights needed
     return model, tok
 
 

@@ -205,27 +205,43 @@ def arch_config(name):
 
 
 def worker_measure(cfg: dict) -> dict:
-    """The same step as plan_step_memory, for real, on the CPU: peak resident memory of this process
-    (getrusage's high-water mark) above what it held before the model was built."""
+    """The same step as plan_step_memory, for real: on the CPU the peak resident memory of this process
+    (getrusage's high-water mark) above what it held before the model was built; on CUDA
+    (cfg["device"]) torch.cuda.max_memory_allocated, the model built on the GPU. cfg["lora"]: --lora's
+    rank. An out-of-memory error gives {"measured": None}."""
     from transformers import AutoModelForCausalLM
+    device = cfg.get("device", "cpu")
     config = arch_config(cfg["model"])
-    compute = models.Compute("cpu", cfg["precision"], cfg["gc"])
-    method, params = flat.LOSSES[cfg["method"]], flat.LossParams()
+    compute = models.Compute(device, cfg["precision"], cfg["gc"])
+    method = train.FINETUNE if cfg["method"] == "finetune" else flat.LOSSES[cfg["method"]]
     b = step_batch(method, config.vocab_size, cfg["batch"], cfg["length"])
-    before = _reset_peak_rss()
-    model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
-    if cfg["gc"]:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref = models.frozen_copy(model, compute.eval_dtype) if method.reference else None
-    model.train()
-    opt, _ = train.optimizer_and_schedule(model, 1e-5, 0.01, 0, 10)
-    for _ in range(2):
-        with compute.autocast():
-            loss, _ = train.batch_loss(model, b, method, params, 0, ref)
-        loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    cuda = device.startswith("cuda")
+    before = _reset_peak_rss() if not cuda else 0
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
+        if cfg["gc"]:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.get("lora"):
+            model = models.with_lora(model, models.Lora(cfg["lora"], 2.0 * cfg["lora"]))
+        ref = None
+        if method.reference:
+            ref = models.AdaptersOff(model) if cfg.get("lora") else models.frozen_copy(model, compute.eval_dtype)
+        model.train()
+        opt, _ = train.optimizer_and_schedule(model, 1e-5, 0.01, 0, 10)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):
+            with compute.autocast():
+                loss, _ = train.batch_loss(model, b, method, flat.LossParams(), 0, ref)
+            loss.mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    except torch.OutOfMemoryError:
+        return {"measured": None, "before": before}
+    if cuda:
+        return {"measured": torch.cuda.max_memory_allocated(device), "before": before}
     return {"measured": _peak_rss() - before, "before": before}
 
 

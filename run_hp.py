@@ -91,11 +91,13 @@ class Args(flags.RunArgs):
 # original, are this project's choices (docs/copyright.md). MUSE trains on its whole forget corpus.
 PAPER = dict(chunk_tokens=256, n_chunks=400, prompt_tokens=64, eval_chunks=100, lr=2e-7, epochs=5, batch_size=4,
              grad_accum=8, finetune_lr=1e-5, finetune_epochs=3, muse_probes=0, privleak_texts=0,
-             relearn_lr=1e-5)  # relearning is fine-tuning: the original's learning rate
+             relearn_lr=1e-5,  # relearning is fine-tuning: the original's learning rate
+             zero_shot_limit=0)  # FLAT's zero-shot accuracy: every item of each task
 PRESETS = {
     # The offline default, sized for a 2-core CPU.
     "smollm2-135m": dict(chunk_tokens=96, n_chunks=48, prompt_tokens=32, eval_chunks=32, lr=5e-5, epochs=4,
-                         batch_size=8, grad_accum=1, finetune_lr=1e-4, finetune_epochs=8, relearn_lr=1e-4),
+                         batch_size=8, grad_accum=1, finetune_lr=1e-4, finetune_epochs=8, relearn_lr=1e-4,
+                         zero_shot_limit=20),  # the first 20 items of each zero-shot task: about 1 min per model
 }
 # MUSE-News offline: 3 VerbMem probes and 2 PrivLeak texts with the 9-12 articles they come from, in
 # longer chunks (a VerbMem prompt is about 900 tokens).

@@ -284,18 +284,30 @@ def zero_shot(model, tok, tasks: list[Task], limit: int | None = None) -> dict:
             model=lm, tasks=[t.config for t in tasks], limit=limit or None, log_samples=True, bootstrap_iters=0,
             task_manager=_task_manager(stock=any(isinstance(t.config, str) for t in tasks)),
             random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None)
+    return scores(out, [t.name for t in tasks])
+
+
+def scores(out: dict, names: list[str]) -> dict:
+    """lm-eval's simple_evaluate output as {"summary", "items"}: per task its acc as zeroshot_TASK, acc_norm
+    as zeroshot_TASK_norm, any other metric (a stock task's, e.g. wikitext's word_perplexity) as
+    zeroshot_TASK_METRIC, and zeroshot_TASK_items; zeroshot_mean over the tasks that report acc. Items:
+    per task, each document's id, target, per-choice log-likelihoods (multiple choice) and metrics."""
     summary, items = {}, {}
-    for t in tasks:
-        r = out["results"][t.name]
-        summary[f"zeroshot_{t.name}"] = float(r["acc,none"])
-        if "acc_norm,none" in r:
-            summary[f"zeroshot_{t.name}_norm"] = float(r["acc_norm,none"])
-        samples = sorted(out["samples"][t.name], key=lambda s: s["doc_id"])
-        summary[f"zeroshot_{t.name}_items"] = len(samples)
-        items[t.name] = {"doc_id": [s["doc_id"] for s in samples], "target": [s["target"] for s in samples],
-                         "loglikelihoods": [[float(resp[0][0]) for resp in s["resps"]] for s in samples],
-                         "acc": [float(s["acc"]) for s in samples]}
-    summary["zeroshot_mean"] = float(np.mean([summary[f"zeroshot_{t.name}"] for t in tasks]))
+    for name in names:
+        metrics = {k.split(",")[0]: float(v) for k, v in out["results"][name].items()
+                   if k.endswith(",none") and "_stderr" not in k and isinstance(v, (int, float))}
+        for m, v in metrics.items():
+            summary[f"zeroshot_{name}" if m == "acc" else f"zeroshot_{name}_{'norm' if m == 'acc_norm' else m}"] = v
+        samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+        summary[f"zeroshot_{name}_items"] = len(samples)
+        items[name] = {"doc_id": [s["doc_id"] for s in samples], "target": [s["target"] for s in samples],
+                       **{m: [float(s[m]) for s in samples] for m in metrics
+                          if samples and isinstance(samples[0].get(m), (int, float))}}
+        if samples and all(isinstance(r, (list, tuple)) and isinstance(r[0], (list, tuple)) for r in samples[0]["resps"]):
+            items[name]["loglikelihoods"] = [[float(resp[0][0]) for resp in s["resps"]] for s in samples]
+    accs = [summary[f"zeroshot_{n}"] for n in names if f"zeroshot_{n}" in summary]
+    if accs:
+        summary["zeroshot_mean"] = float(np.mean(accs))
     return {"summary": summary, "items": items}
 
 
@@ -342,16 +354,15 @@ COLUMN = ("zero-shot", "zeroshot_mean", ".3f")  # the column each runner's table
 
 
 def print_table(report: dict, refs: tuple[str, ...]) -> None:
-    """The zero-shot table (after a runner's own): each model's accuracy per task (lm-eval's acc) and
-    their mean; nothing when --zero-shot did not run."""
+    """The zero-shot table (after a runner's own): each model's accuracy per task (lm-eval's acc; a stock
+    task's other metrics as they come) and the mean accuracy; nothing when --zero-shot did not run."""
     import stages
     first = next((report[n] for n in refs if n in report), None) or next(iter(report["methods"].values()))
-    names = [k[len("zeroshot_"):] for k in first if k.startswith("zeroshot_")
-             and not k.endswith(("_norm", "_items")) and k != "zeroshot_mean"]
-    if names:
-        items = ", ".join(f"{n} {first[f'zeroshot_{n}_items']}" for n in names)
+    keys = [k for k in first if k.startswith("zeroshot_") and not k.endswith(("_norm", "_items", "_mean"))]
+    if keys:
+        items = ", ".join(f"{k[9:-6]} {first[k]}" for k in first if k.startswith("zeroshot_") and k.endswith("_items"))
         stages.print_table(f"Zero-shot accuracy (lm-evaluation-harness acc, 0-1; items per task: {items})", report,
-                           refs, [(n, f"zeroshot_{n}", ".3f") for n in names] + [("mean", "zeroshot_mean", ".3f")])
+                           refs, [(k[9:], k, ".3f") for k in keys] + [("mean", "zeroshot_mean", ".3f")])
 
 
 def main(argv=None) -> dict:
@@ -376,7 +387,7 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = models.load_model(args.model, device, torch.bfloat16 if device == "cuda" else torch.float32, False,
                                    args.trust_remote_code)
-    print(f"| task | items | acc | acc_norm | seconds |\n|---|---|---|---|---|")
+    print("| task | items | acc | acc_norm | seconds |\n|---|---|---|---|---|")
     out = {}
     for t in tasks:
         start = time.time()

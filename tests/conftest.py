@@ -16,7 +16,9 @@ TOFU_SMOKE = ["--max-steps", "2", "--retain-authors", "1", "--eval-items", "2", 
               "--batch-size", "2", "--log-every", "1", "--lr", "1e-3", "--finetune-lr", "1e-3", "--warmup-epochs", "0"]
 BOOK_SMOKE = ["--max-steps", "2", "--n-chunks", "4", "--chunk-tokens", "24", "--prompt-tokens", "8", "--eval-chunks", "2",
               "--ppl-chunks", "2", "--log-every", "1", "--lr", "1e-3", "--finetune-lr", "1e-3",
-              "--zero-shot", "arc_easy", "--zero-shot-limit", "2"]  # run_hp's zero-shot default, one task, 2 items
+              "--zero-shot", "none"]  # run_hp's default --zero-shot all: tests/test_utility.py runs it
+
+ZERO_SHOT_SMOKE = ["--zero-shot", "arc_easy", "--zero-shot-limit", "2"]  # one task, its first 2 items
 
 
 def make_tiny_model(out_dir, arch: str = "llama", tie: bool = False):
@@ -120,7 +122,7 @@ def book_run(tied_model_dir, tmp_path_factory):
     book = tmp / "book.txt"
     book.write_text(corpora.read_text(corpora.HELD_OUT_BOOK)[:20000])
     r = run_in_process(run_hp.main, ["--model", tied_model_dir, "--text", str(book), "--out", str(tmp / "run"),
-                                     "--method", "npo,flat", "--batch-size", "2", *BOOK_SMOKE],
+                                     "--method", "npo,flat", "--batch-size", "2", *BOOK_SMOKE, *ZERO_SHOT_SMOKE],
                        spies=[(corpora, "text_epoch"), (corpora, "chunk_unlearning_epoch")])
     r.out, r.book, r.model = tmp / "run", book, tied_model_dir
     return r

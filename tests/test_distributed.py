@@ -87,8 +87,8 @@ def test_the_planner_estimates_a_cpu_step_within_15_percent_of_its_measured_peak
 
 def test_the_committed_memory_table_has_every_row():
     text = (ROOT / "bench" / "MEMORY.md").read_text()
-    rows = re.findall(r"^\| (\S+) \| (\w+) \| (\w+) \| (on|off) \| (\d) \|", text, re.M)
-    want = {(r["model"], r["method"], r["precision"], "on" if r["gc"] else "off", str(r["world"]))
+    rows = re.findall(r"^\| (\S+) \| (\w+) \| (\w+) \| (on|off) \| (\d) \| (\d+|-) \|", text, re.M)
+    want = {(r["model"], r["method"], r["precision"], "on" if r["gc"] else "off", str(r["world"]), str(r["lora"] or "-"))
             for r in memplan.plan_rows()}
-    assert set(rows) == want and len(rows) == len(want) == 96
+    assert set(rows) == want and len(rows) == len(want) == 96 + 24
     assert "Planner against a measurement" in text

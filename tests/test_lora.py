@@ -108,17 +108,13 @@ def test_every_method_runs_with_lora_and_changes_only_adapted_layers(lora_run, t
 
 
 def test_lora_with_gradient_checkpointing_and_two_processes_equals_one(lora_run, tiny_model_dir, tmp_path):
-    ckpt = run_in_process(run_tofu.main, ["--model", tiny_model_dir, "--method", "npo", "--out", str(tmp_path / "gc"),
-                                          "--lora", "4", "--grad-accum", "2", "--gradient-checkpointing", *TOFU_SMOKE])
-    base = Path(tiny_model_dir)
-    for name in ("target", "npo"):
-        assert_same_stage(Path(lora_run.report["dirs"][name]), Path(ckpt.report["dirs"][name]), base)
+    # one process without checkpointing (lora_run) against two processes with it: both must change nothing
     out = tmp_path / "two"
     torchrun("run_tofu.py", "--model", tiny_model_dir, "--method", "npo,flat", "--out", str(out), "--lora", "4",
-             "--grad-accum", "1", *TOFU_SMOKE)
+             "--grad-accum", "1", "--gradient-checkpointing", *TOFU_SMOKE)
     two = json.loads((out / "results.json").read_text())
     for name in ("target", "npo", "flat"):
-        assert_same_stage(Path(lora_run.report["dirs"][name]), Path(two["dirs"][name]), base)
+        assert_same_stage(Path(lora_run.report["dirs"][name]), Path(two["dirs"][name]), Path(tiny_model_dir))
         assert (Path(two["dirs"][name]) / "adapter" / "adapter_config.json").exists()
 
 
@@ -168,3 +164,18 @@ def test_the_adapters_start_from_their_own_seed_whatever_was_drawn_before(tiny_m
     a, b, c = (dict(m.named_parameters()) for m in (first, again, other))
     key = next(k for k in a if ".lora_A." in k)
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+
+
+def test_the_reference_is_kept_in_the_compute_dtype_and_the_planner_counts_it_so(tiny_model_dir):
+    import memplan
+    ref = train.training_model(tiny_model_dir, models.Compute("cpu", "mixed", False), reference=True)[2]
+    model = train.training_model(tiny_model_dir, models.Compute("cpu", "mixed", False))[0]
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in ref.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the trained weights stay fp32 masters
+    spec = ["llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=8000, max_position_embeddings=1024)]
+    rows = [dict(model=spec, method="npo", precision="mixed", gc=True, lora=r) for r in (0, 8)]
+    full, lora = memplan.spawn(dict(kind="plan", world=1, rows=rows, batch=2, length=64))["rows"]
+    assert full["reference"] == full["params"] / 2  # bf16 against fp32: half the bytes
+    assert lora["reference"] == 0 and lora["optimizer"] < full["optimizer"] / 20  # no copy; moments of adapters only
+    assert lora["total"] < full["total"]

@@ -33,8 +33,8 @@ def test_every_stage_name_is_the_one_the_earlier_layout_made(recorded, tmp_path,
     monkeypatch.setattr(stages, "model_id", lambda p: p if p == "tiny" else real(p))
     make_tiny_model(tmp_path / "tiny", "llama")
     (tmp_path / "book.txt").write_text(corpora.read_text(corpora.HELD_OUT_BOOK)[:20000])
-    old_smoke = BOOK_SMOKE[:-4]  # the recording predates --zero-shot (run_hp's default since): it is off here
-    assert recorded["argv"]["hp"][-len(old_smoke):] == old_smoke and BOOK_SMOKE[-4] == "--zero-shot"
+    old_smoke = BOOK_SMOKE[:-2]  # the recording predates --zero-shot (run_hp's default since): off here
+    assert recorded["argv"]["hp"][-len(old_smoke):] == old_smoke and BOOK_SMOKE[-2:] == ["--zero-shot", "none"]
     for name, main in MAINS.items():
         out = tmp_path / "runs" / name
         run_in_process(main, ["--model", "tiny", "--out", str(out), *recorded["argv"][name],

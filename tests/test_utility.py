@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import BOOK_SMOKE, run_in_process
+from conftest import BOOK_SMOKE, ZERO_SHOT_SMOKE, run_in_process
 
 import data
 import models
@@ -122,10 +122,10 @@ def test_every_task_scores_as_a_slow_loop_over_its_published_format(tiny_model_d
         for i, item in enumerate(items):
             lls, acc, acc_norm = slow_scores(model, tok, t.name, item)
             assert got["loglikelihoods"][i] == pytest.approx(lls, rel=1e-4, abs=1e-3), (t.name, i)
-            assert got["acc"][i] == pytest.approx(acc, abs=1e-6), (t.name, i)
+            assert got["acc"][i] == pytest.approx(acc, rel=1e-4, abs=1e-6), (t.name, i)  # mc2: a probability
             accs.append(acc)
             norms.append(acc_norm)
-        assert out["summary"][f"zeroshot_{t.name}"] == pytest.approx(sum(accs) / limit), t.name
+        assert out["summary"][f"zeroshot_{t.name}"] == pytest.approx(sum(accs) / limit, rel=1e-4), t.name
         if norms[0] is not None:
             assert out["summary"][f"zeroshot_{t.name}_norm"] == pytest.approx(sum(norms) / limit), t.name
         assert out["summary"][f"zeroshot_{t.name}_items"] == limit
@@ -185,20 +185,38 @@ def test_a_bad_task_file_stops_the_runner_before_any_model_loads(tmp_path, tiny_
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_the_zero_shot_stage_is_cached_and_follows_the_limit(book_run):
-    report = book_run.report
+def test_the_zero_shot_stage_is_cached_and_follows_the_limit(book_run, tmp_path):
+    report = book_run.report  # --zero-shot arc_easy, its first 2 items (ZERO_SHOT_SMOKE)
     for row in (report["reference"], report["original"], *report["methods"].values()):
         assert row["zeroshot_arc_easy_items"] == 2 and 0 <= row["zeroshot_arc_easy"] <= 1
         assert row["zeroshot_mean"] == row["zeroshot_arc_easy"]
     assert "| zero-shot |" in book_run.stdout and "Zero-shot accuracy" in book_run.stdout
     items = json.loads((book_run.out / "eval_items.json").read_text())
     assert len(items["reference"]["zeroshot"]["arc_easy"]["loglikelihoods"]) == 2
-    base = ["--model", book_run.model, "--text", str(book_run.book), "--out", str(book_run.out),
-            "--method", "npo,flat", "--batch-size", "2", *BOOK_SMOKE]
-    again = run_in_process(run_hp.main, base, spies=[(utility, "zero_shot"), (run_hp, "evaluate_continuations")])
-    assert again.calls["zero_shot"] == [] and again.report["reference"]["zeroshot_arc_easy"] == \
-        report["reference"]["zeroshot_arc_easy"]
-    more = run_in_process(run_hp.main, [*base, "--zero-shot-limit", "3"],
-                          spies=[(utility, "zero_shot"), (run_hp, "evaluate_continuations")])
-    assert len(more.calls["zero_shot"]) == 4 and more.calls["evaluate_continuations"] == []  # 4 models, zero-shot only
+    base = ["--model", book_run.model, "--text", str(book_run.book), "--out", str(tmp_path / "run"),
+            "--method", "flat", "--batch-size", "2", *BOOK_SMOKE, *ZERO_SHOT_SMOKE]
+    spies = [(utility, "zero_shot"), (run_hp, "evaluate_continuations")]
+    first = run_in_process(run_hp.main, base, spies=spies)
+    assert len(first.calls["zero_shot"]) == 3  # reference, original, flat
+    again = run_in_process(run_hp.main, base, spies=spies)
+    assert again.calls["zero_shot"] == [] and again.calls["evaluate_continuations"] == []
+    assert again.report["methods"]["flat"]["zeroshot_arc_easy"] == first.report["methods"]["flat"]["zeroshot_arc_easy"]
+    more = run_in_process(run_hp.main, [*base, "--zero-shot-limit", "3"], spies=spies)
+    assert len(more.calls["zero_shot"]) == 3 and more.calls["evaluate_continuations"] == []  # zero-shot only
     assert more.report["original"]["zeroshot_arc_easy_items"] == 3
+
+
+def test_a_stock_task_without_accuracy_keeps_its_own_metrics_out_of_the_mean():
+    # what lm-eval returns for a multiple-choice task and for wikitext (a rolling log-likelihood task)
+    out = {"results": {"piqa": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25, "alias": "piqa"},
+                       "wikitext": {"word_perplexity,none": 31.5, "bits_per_byte,none": 0.9, "alias": "wikitext"}},
+           "samples": {"piqa": [{"doc_id": 1, "target": 0, "resps": [[(-2.0, False)], [(-1.0, True)]], "acc": 0.0},
+                                {"doc_id": 0, "target": 1, "resps": [[(-3.0, False)], [(-1.5, False)]], "acc": 1.0}],
+                       "wikitext": [{"doc_id": 0, "target": "text", "resps": [[-120.0]], "word_perplexity": -120.0}]}}
+    got = utility.scores(out, ["piqa", "wikitext"])
+    assert got["summary"] == {"zeroshot_piqa": 0.5, "zeroshot_piqa_norm": 0.25, "zeroshot_piqa_items": 2,
+                              "zeroshot_wikitext_word_perplexity": 31.5, "zeroshot_wikitext_bits_per_byte": 0.9,
+                              "zeroshot_wikitext_items": 1, "zeroshot_mean": 0.5}
+    assert got["items"]["piqa"]["doc_id"] == [0, 1] and got["items"]["piqa"]["loglikelihoods"] == [[-3.0, -1.5],
+                                                                                                   [-2.0, -1.0]]
+    assert "loglikelihoods" not in got["items"]["wikitext"]
