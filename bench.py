@@ -165,7 +165,7 @@ def load(name: str, device: str, dtype, gc: bool):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if gc:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        models.checkpointing(model, True)
         model.config.use_cache = False
     tok = models.load_tokenizer(str(SMOLLM2_FILES))  # SmolLM2's tokenizer files, no weights needed
     return model, tok

@@ -138,7 +138,7 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
             model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
     with fake_mode:  # the parameters, and so everything computed from them, are fake
         if gc:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            models.checkpointing(model, True)
         ref = None  # as train.training_model makes it (a copy in the compute dtype: built anew, since
         if method.reference:  # a fake tensor cannot be cast in place), or the model with its adapters off
             ref = models.AdaptersOff(model) if lora else models.frozen_copy(
@@ -221,7 +221,7 @@ def worker_measure(cfg: dict) -> dict:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
         if cfg["gc"]:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            models.checkpointing(model, True)
         if cfg.get("lora"):
             model = models.with_lora(model, models.Lora(cfg["lora"], 2.0 * cfg["lora"]))
         ref = None

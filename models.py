@@ -140,10 +140,30 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
-    if gradient_checkpointing:  # --gradient-checkpointing (transformers 5 names it activation checkpointing)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:  # --gradient-checkpointing
+        checkpointing(model, True)
         model.config.use_cache = False
     return model, tokenizer
+
+
+def checkpointing(model, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on, non-reentrant, or off. transformers 5.2x names it
+    activation checkpointing and deprecates the old name; 5.17 (what a lent GPU machine has) knows
+    only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model) -> bool:
+    return bool(getattr(model, "is_activation_checkpointing", None) if hasattr(model, "activation_checkpointing_enable")
+                else getattr(model, "is_gradient_checkpointing", False))
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,8 +210,8 @@ def frozen_copy(model, dtype: torch.dtype | None = None):
         ref.to(dtype)
     ref.eval()
     ref.requires_grad_(False)
-    if ref.is_activation_checkpointing:
-        ref.activation_checkpointing_disable()
+    if is_checkpointing(ref):
+        checkpointing(ref, False)
     return ref
 
 

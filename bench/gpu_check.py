@@ -138,7 +138,7 @@ def random_model(tmp: Path, dry_run: bool) -> Path:
 def tofu_part(dry_run: bool, tmp: Path) -> list[str]:
     """run_tofu.py with every method, then flat and npo with --lora 8: exit status, time, the table."""
     model = random_model(tmp, dry_run)
-    device = ["--device", "cpu"] if dry_run else ["--device", "cuda"]
+    device = ["--device", "cpu", "--gradient-checkpointing"] if dry_run else ["--device", "cuda"]  # CUDA: on
     small = ["--max-steps", "1" if dry_run else "3", "--retain-authors", "1", "--eval-items", "2" if dry_run else "8",
              "--max-new-tokens", "2" if dry_run else "16", "--batch-size", "2" if dry_run else "4"]
     lines, limit = [], LIMITS["tofu"] / 2 if not dry_run else 600
