@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import BOOK_SMOKE, ROOT, TOFU_SMOKE, run_in_process, run_script
+from conftest import BOOK_SMOKE, ROOT, TOFU_SMOKE, ZERO_SHOT_SMOKE, run_in_process, run_script
 
 import bench
 import run_harmful
@@ -177,7 +177,7 @@ def test_data_edited_in_place_retrains_and_damage_is_recovered(book_run):
     leave the temporary directory a killed save leaves, then rerun."""
     out, book = book_run.out, book_run.book
     argv = ["--model", book_run.model, "--text", str(book), "--out", str(out), "--method", "npo", "--batch-size", "2",
-            *BOOK_SMOKE]
+            *BOOK_SMOKE, *ZERO_SHOT_SMOKE]
     again = run_in_process(run_hp.main, argv)
     assert "[cache] finetune-original: " in again.stdout and "[cache] unlearn-npo: " in again.stdout
     evals = sorted(out.glob("eval-reference-*.json"))

@@ -191,13 +191,13 @@ def test_the_zero_shot_stage_is_cached_and_follows_the_limit(book_run, tmp_path)
         assert row["zeroshot_arc_easy_items"] == 2 and 0 <= row["zeroshot_arc_easy"] <= 1
         assert row["zeroshot_mean"] == row["zeroshot_arc_easy"]
     assert "| zero-shot |" in book_run.stdout and "Zero-shot accuracy" in book_run.stdout
-    items = json.loads((book_run.out / "eval_items.json").read_text())
-    assert len(items["reference"]["zeroshot"]["arc_easy"]["loglikelihoods"]) == 2
     base = ["--model", book_run.model, "--text", str(book_run.book), "--out", str(tmp_path / "run"),
             "--method", "flat", "--batch-size", "2", *BOOK_SMOKE, *ZERO_SHOT_SMOKE]
     spies = [(utility, "zero_shot"), (run_hp, "evaluate_continuations")]
     first = run_in_process(run_hp.main, base, spies=spies)
     assert len(first.calls["zero_shot"]) == 3  # reference, original, flat
+    items = json.loads((tmp_path / "run" / "eval_items.json").read_text())
+    assert [len(ll) for ll in items["reference"]["zeroshot"]["arc_easy"]["loglikelihoods"]] == [4, 4]  # 4 choices
     again = run_in_process(run_hp.main, base, spies=spies)
     assert again.calls["zero_shot"] == [] and again.calls["evaluate_continuations"] == []
     assert again.report["methods"]["flat"]["zeroshot_arc_easy"] == first.report["methods"]["flat"]["zeroshot_arc_easy"]
