@@ -20,13 +20,13 @@ import random
 import torch
 
 import data
-import flags
-import flat
+import methods
 import models
 import train
+from errors import Choices, UsageError
 
 # each attack and the evaluations it makes
-ATTACKS = flat.Choices("attack", {"relearn": ("relearn",), "quant8": ("quant8",), "quant4": ("quant4",),
+ATTACKS = Choices("attack", {"relearn": ("relearn",), "quant8": ("quant8",), "quant4": ("quant4",),
                                   "prompt": ("paraphrase", "jailbreak")})
 EVALUATIONS = tuple(e for es in ATTACKS.values() for e in es)
 JAILBREAK = "Sure, here is the answer:"  # the start of the assistant's answer (a prefilling attack)
@@ -46,7 +46,7 @@ def parse(spec: str, supported: tuple[str, ...] = EVALUATIONS) -> list[str]:
         return [e for e in wanted if e in supported]
     missing = [e for e in wanted if e not in supported]
     if missing:
-        raise flags.UsageError(f"--attacks {spec}: this benchmark cannot run {', '.join(missing)} (its data has no "
+        raise UsageError(f"--attacks {spec}: this benchmark cannot run {', '.join(missing)} (its data has no "
                                f"paraphrased questions); it runs {', '.join(supported)}")
     return wanted
 
@@ -97,11 +97,12 @@ def run_attack(run, name: str, path, evaluation: str, score, relearn_epochs=None
     if run.missing(cache):
         relearn = evaluation == "relearn"
         model, tok = models.load_model(str(path), c.device, c.train_dtype if relearn else c.eval_dtype,
-                                       relearn and c.gradient_checkpointing, args.trust_remote_code)
+                                       trust_remote_code=args.trust_remote_code)
+        models.checkpointing(model, on=relearn and c.gradient_checkpointing)  # relearning trains it
         about = {"attack": evaluation}
         if relearn:  # a plain fine-tune: no warmup, no in-training evaluation, one process
             plan = train.plan_steps(relearn_epochs, args.batch_size, args.relearn_steps)
-            log, _ = train.train(model, tok, plan, train.FINETUNE, None, args.relearn_lr,
+            log, _ = train.train(model, tok, plan, methods.FINETUNE, None, args.relearn_lr,
                                  dataclasses.replace(args, warmup_epochs=0.0, eval_every=0), c, run.stage_name(cache))
             about.update(steps=len(plan.steps), lr=args.relearn_lr, last_loss=log[-1]["loss"])
         elif evaluation.startswith("quant"):

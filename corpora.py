@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data import ROOT, DataError, check_field, check_file, decode_utf8, read_jsonl
 from flat import IGNORE_INDEX
+from models import hub_reachable
 
 HARMFUL_DIR = ROOT / "vendored" / "harmful"
 HALUEVAL = ROOT / "vendored" / "halueval" / "qa_data_first1000.jsonl"
@@ -117,7 +118,6 @@ def random_answers(rows: list[dict]) -> list[str]:
 
 
 def _require_hub(name: str) -> None:
-    from models import hub_reachable
     if not hub_reachable():
         raise DataError(f"the Hugging Face Hub is unreachable, so {name} cannot be loaded; "
                         f"leave out --hub-data to use the vendored copy")
@@ -232,34 +232,34 @@ def text_row(ids: list[int]) -> dict:
 
 
 def chunk_unlearning_epoch(forget: list[list[int]], prompt_tokens: int, templates: list[list[int]] | None,
-                           retain: list[list[int]] | None, batch_size: int, rng: random.Random) -> list[dict]:
-    """One epoch of unlearning batches over forget chunks, in the streams of data.unlearning_epoch:
+                           retain: list[list[int]] | None, rows_per_step: int, rng: random.Random) -> list[dict]:
+    """One epoch of unlearning steps over forget chunks, in the streams of data.unlearning_epoch:
     each forget chunk (prompt -> its continuation), with the same prompt followed by a template drawn
     from `templates` (token ids), and a retain chunk drawn from `retain`, scored the same way."""
     if not forget:
         raise DataError("the forget set is empty")
     order = list(range(len(forget)))
     rng.shuffle(order)
-    batches = []
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        batch = {"forget": [prefix_row(forget[i], prompt_tokens) for i in idx]}
+    steps = []
+    for s in range(0, len(order), rows_per_step):
+        idx = order[s:s + rows_per_step]
+        step = {"forget": [prefix_row(forget[i], prompt_tokens) for i in idx]}
         if templates is not None:
-            batch["template"] = [prefix_row(forget[i], prompt_tokens, rng.choice(templates)) for i in idx]
+            step["template"] = [prefix_row(forget[i], prompt_tokens, rng.choice(templates)) for i in idx]
         if retain is not None:
-            batch["retain"] = [prefix_row(retain[rng.randrange(len(retain))], prompt_tokens) for _ in idx]
-        batches.append(batch)
-    return batches
+            step["retain"] = [prefix_row(retain[rng.randrange(len(retain))], prompt_tokens) for _ in idx]
+        steps.append(step)
+    return steps
 
 
-def text_epoch(chunks: list[list[int]], batch_size: int, rng: random.Random) -> list[dict]:
-    """One epoch of language-modelling batches {"answer": rows} over chunks (fine-tuning the original)."""
+def text_epoch(chunks: list[list[int]], rows_per_step: int, rng: random.Random) -> list[dict]:
+    """One epoch of language-modelling steps {"answer": rows} over chunks (fine-tuning the original)."""
     if not chunks:
         raise DataError("no fine-tuning text")
     order = list(range(len(chunks)))
     rng.shuffle(order)
-    return [{"answer": [text_row(chunks[i]) for i in order[s:s + batch_size]]}
-            for s in range(0, len(order), batch_size)]
+    return [{"answer": [text_row(chunks[i]) for i in order[s:s + rows_per_step]]}
+            for s in range(0, len(order), rows_per_step)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,14 +19,12 @@ from pathlib import Path
 
 import torch
 
-from flat import IGNORE_INDEX, Choices
+from errors import Choices, DataError
+from flat import IGNORE_INDEX
+from models import hub_reachable
 
 ROOT = Path(__file__).resolve().parent
 TOFU_DIR = ROOT / "vendored" / "tofu"
-
-
-class DataError(ValueError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +148,6 @@ def _check_options(rows: list[dict], path: Path) -> None:
 
 
 def _load_tofu_from_hub(config: str) -> list[dict]:
-    from models import hub_reachable
     if not hub_reachable():
         raise DataError(f"TOFU config {config!r} is not in {TOFU_DIR} and the Hugging Face Hub is unreachable; "
                         f"pass --data-dir with a copy of locuslab/TOFU as JSON Lines")
@@ -290,10 +287,12 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
 
 
 # ---------------------------------------------------------------------------------------------
-# Unlearning batches: each forget example with its template answer and a retain example
+# The steps of an epoch: each forget example with its template answer and a retain example. A step
+# is the rows of one optimiser step (--batch-size x --grad-accum x processes); train.plan_steps cuts
+# it into micro-batches.
 # ---------------------------------------------------------------------------------------------
 
-STREAMS = ("answer", "forget", "template", "retain")  # "answer": fine-tuning (train.FINETUNE)
+STREAMS = ("answer", "forget", "template", "retain")  # "answer": fine-tuning (methods.FINETUNE)
 
 
 def epoch_rngs(epochs: int, seed: int):
@@ -304,45 +303,45 @@ def epoch_rngs(epochs: int, seed: int):
 
 
 def unlearning_epoch(tokenizer, style: str, forget: list[dict], templates: list[str] | None,
-                     retain: list[dict] | None, batch_size: int, rng: random.Random,
+                     retain: list[dict] | None, rows_per_step: int, rng: random.Random,
                      max_answer_tokens: int | None = None) -> list[dict]:
-    """One epoch of unlearning batches.
+    """One epoch of unlearning steps.
 
     Each forget example (x_f, y_f) gets, when the method needs them, a template answer y_e drawn
     uniformly from `templates` for the same question x_f, and a uniformly drawn retain example
-    (x_r, y_r). Draws come from `rng` (seeded by the run), fresh every epoch. Each batch is
+    (x_r, y_r). Draws come from `rng` (seeded by the run), fresh every epoch. Each step is
     {"forget": rows, "template": rows, "retain": rows} with the streams it needs; the rows of one
     stream align with the forget rows. Answers are cut at max_answer_tokens (see encode_qa).
     """
     if not forget:
         raise DataError("the forget set is empty")
     cut = dict(max_answer_tokens=max_answer_tokens)
-    encoded, index_batches = _qa_batches(tokenizer, style, forget, batch_size, rng, **cut)
-    batches = []
-    for idx in index_batches:
-        batch = {"forget": [encoded[i] for i in idx]}
+    encoded, index_steps = _qa_steps(tokenizer, style, forget, rows_per_step, rng, **cut)
+    steps = []
+    for idx in index_steps:
+        step = {"forget": [encoded[i] for i in idx]}
         if templates is not None:
-            batch["template"] = [encode_qa(tokenizer, style, forget[i]["question"], rng.choice(templates), **cut)
+            step["template"] = [encode_qa(tokenizer, style, forget[i]["question"], rng.choice(templates), **cut)
                                  for i in idx]
         if retain is not None:
             picks = [retain[rng.randrange(len(retain))] for _ in idx]
-            batch["retain"] = [encode_qa(tokenizer, style, r["question"], r["answer"], **cut) for r in picks]
-        batches.append(batch)
-    return batches
+            step["retain"] = [encode_qa(tokenizer, style, r["question"], r["answer"], **cut) for r in picks]
+        steps.append(step)
+    return steps
 
 
-def finetune_epoch(tokenizer, style: str, rows: list[dict], batch_size: int, rng: random.Random,
+def finetune_epoch(tokenizer, style: str, rows: list[dict], rows_per_step: int, rng: random.Random,
                    max_answer_tokens: int | None = None) -> list[dict]:
-    """One epoch of plain QA batches {"answer": rows} (answer tokens scored) for fine-tuning."""
+    """One epoch of plain QA steps {"answer": rows} (answer tokens scored) for fine-tuning."""
     if not rows:
         raise DataError("no fine-tuning data")
-    encoded, index_batches = _qa_batches(tokenizer, style, rows, batch_size, rng, max_answer_tokens)
-    return [{"answer": [encoded[i] for i in idx]} for idx in index_batches]
+    encoded, index_steps = _qa_steps(tokenizer, style, rows, rows_per_step, rng, max_answer_tokens)
+    return [{"answer": [encoded[i] for i in idx]} for idx in index_steps]
 
 
-def _qa_batches(tokenizer, style: str, rows: list[dict], batch_size: int, rng: random.Random,
-                max_answer_tokens: int | None = None):
-    """The encoded QA pairs of rows, and length-bucketed batches of their indices."""
+def _qa_steps(tokenizer, style: str, rows: list[dict], rows_per_step: int, rng: random.Random,
+              max_answer_tokens: int | None = None):
+    """The encoded QA pairs of rows, and length-bucketed steps of their indices."""
     encoded = [encode_qa(tokenizer, style, r["question"], r["answer"], max_answer_tokens=max_answer_tokens)
                for r in rows]
-    return encoded, length_grouped_batches([len(e["input_ids"]) for e in encoded], batch_size, rng)
+    return encoded, length_grouped_batches([len(e["input_ids"]) for e in encoded], rows_per_step, rng)

@@ -9,6 +9,7 @@ against the TOFU authors' published evaluation logs.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from tqdm.auto import tqdm
 
 import data
 import distributed
+import errors
 import mia
-import stages
 from flat import IGNORE_INDEX, sequence_stats, shift_labels, token_logprobs
 from models import answer_logits, cache_kwarg, position_ids
 
@@ -62,7 +63,6 @@ def read_retain_logs(path: str | Path, forget_rows: list[dict], split: str) -> d
     its first 300 items), checked by its question. Returns {"truth_ratio": [...], "n": items,
     "mia_min_k": AUC or None, "source": path}. Raises DataError for another split's log, or one
     that shares no item or does not say which questions it holds."""
-    import json
     p = Path(path)
     if p.is_dir():
         p = next((p / n for n in ("eval_log_forget.json", "TOFU_EVAL.json", "eval_items.json") if (p / n).exists()),
@@ -89,7 +89,7 @@ def read_retain_logs(path: str | Path, forget_rows: list[dict], split: str) -> d
                                  f"eval_items.json (no forget truth ratios found)")
         tr, texts = items["forget"]["truth_ratio"], items["forget"]["question"]
         mia_log = items.get("mia", {}).get("min_k")
-        auc = mia_auc_of(mia_log) if mia_log else None
+        auc = mia.mia_auc(mia_log["forget"], mia_log["holdout"]) if mia_log else None
     if len(texts) != len(tr) or not tr:
         raise data.DataError(f"{p}: the log holds {len(tr)} truth ratios and {len(texts)} questions; it must say "
                              f"which question each item is")
@@ -102,10 +102,6 @@ def read_retain_logs(path: str | Path, forget_rows: list[dict], split: str) -> d
                                  + (f" but its item {where}" if where is not None else "")
                                  + ": a log of another split, or of other data")
     return {"truth_ratio": [float(x) for x in tr], "n": len(tr), "mia_min_k": auc, "source": str(p)}
-
-
-def mia_auc_of(scores: dict) -> float:
-    return mia.mia_auc(scores["forget"], scores["holdout"])
 
 
 UTILITY_KEYS = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
@@ -226,7 +222,7 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
         for i in items:
             out[i], nll = nll[:len(replies[i])], nll[len(replies[i]):]
         bar.update(len(items))
-        stages.stop_if_interrupted()
+        errors.stop_if_interrupted()
     bar.close()
     model.train(was_training)
     return out
@@ -303,7 +299,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
                 row = row[:row.index(tokenizer.eos_token_id)]
             out[i] = row
         bar.update(len(idx))
-        stages.stop_if_interrupted()
+        errors.stop_if_interrupted()
     bar.close()
     model.train(was_training)
     return out

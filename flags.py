@@ -7,32 +7,24 @@
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import distributed
-import flat
+import methods
 import models
+from errors import NON_NEGATIVE, POSITIVE, Check, UnknownName, UsageError
 
 STAGES = ("finetune", "unlearn", "eval", "attack", "zeroshot")
 
 
-class UsageError(ValueError):
-    """A flag or setting that cannot work: reported as one `error:` line, exit 2, before any work."""
-
-
-class Check(NamedTuple):
-    """A valid range of a numeric flag: the test and how the error message states it."""
-    ok: Callable[[float], bool]
-    says: str
-
-
-POSITIVE = Check(lambda v: v > 0, "> 0")
-NON_NEGATIVE = Check(lambda v: v >= 0, ">= 0")
 AT_LEAST_1 = Check(lambda v: v >= 1, ">= 1")
 FRACTION = Check(lambda v: 0 < v < 1, "in (0, 1)")
 # A learning rate is multiplied into fp32 (and bf16, same exponent range) updates: past 3.4e38 it overflows.
@@ -44,13 +36,36 @@ def one_of(*names: str) -> Check:
     return Check(lambda v: v in names, "one of " + ", ".join(names))
 
 
-def arg(default, help: str, only: tuple | None = None, check: Check | None = None, keyed: Callable | None = None):
+class Switch(NamedTuple):
+    """The feature a flag belongs to: how an error names the switch that turns it on, and whether it is on."""
+    says: str
+    on: Callable[[object], bool]
+
+
+def _attack_named(*names: str) -> Callable:
+    return lambda a: a.attacks == "all" or bool(set(names) & {s.strip() for s in a.attacks.split(",")})
+
+
+LORA = Switch("--lora R", lambda a: a.lora > 0)
+RELEARN = Switch("--attacks relearn (or all)", _attack_named("relearn"))
+QUANT = Switch("--attacks quant8 or quant4 (or all)", _attack_named("quant8", "quant4"))
+ZERO_SHOT = Switch("--zero-shot TASKS", lambda a: a.zero_shot not in ("", "none"))
+
+
+def arg(default, help: str, only: tuple | None = None, check: Check | None = None, keyed: Callable | None = None,
+        needs: Switch | None = None):
     """A flag: a dataclass field with its one-line help. only: the stages (STAGES) whose output the
     flag changes, for stage keys; None means every stage (the safe default: a flag wrongly left
     in a key costs a cache miss, one wrongly left out a stale result). check: its valid range.
     keyed(args): whether the flag is in keys at all (a feature's flags only while it is on, so
-    that adding the feature renamed no stage of a run without it)."""
-    return dataclasses.field(default=default, metadata={"help": help, "only": only, "check": check, "keyed": keyed})
+    that adding the feature renamed no stage of a run without it). needs: the feature the flag
+    belongs to; set while that feature is off, it would do nothing, and is refused (check_switches)."""
+    unknown = set(only or ()) - set(STAGES)
+    if unknown:  # a typo here would leave the flag out of its stage's key: a stale cache, silently
+        raise ValueError(f"flag {help[:40]!r}: only={only} names no stage {sorted(unknown)}; "
+                         f"stages: {', '.join(STAGES)}")
+    return dataclasses.field(default=default, metadata={"help": help, "only": only, "check": check, "keyed": keyed,
+                                                        "needs": needs})
 
 
 TRAINING = ("finetune", "unlearn", "attack")  # the stages that train a model
@@ -58,11 +73,11 @@ lora_on = lambda args: args.lora > 0  # noqa: E731
 
 
 @dataclasses.dataclass
-class RunArgs(flat.LossParams):
-    """The flags every runner has; each runner's Args extends this (and flat.LossParams, whose fields
+class RunArgs(methods.LossParams):
+    """The flags every runner has; each runner's Args extends this (and methods.LossParams, whose fields
     are the loss hyperparameters)."""
     model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
-    method: str = arg("flat", "unlearning loss(es): a key of flat.LOSSES, a comma-separated list "
+    method: str = arg("flat", "unlearning loss(es): a key of methods.LOSSES, a comma-separated list "
                               "(flat:kl,flat:js,npo: FLAT with each divergence) or 'all'", only=())
     weight_decay: float = arg(0.01, "AdamW weight decay", check=NON_NEGATIVE)
     max_grad_norm: float = arg(1.0, "gradient clipping norm", check=POSITIVE)
@@ -83,44 +98,43 @@ class RunArgs(flat.LossParams):
                                "relearn, quant8, quant4, prompt (paraphrase and jailbreak, where the data has "
                                "questions), a comma-separated list, 'all' or 'none' (docs/robustness.md)", only=())
     relearn_steps: int | None = arg(None, "relearn attack: optimiser steps on half the forget set (default: one epoch "
-                                          "of it)", only=("attack",), check=AT_LEAST_1)
+                                          "of it)", only=("attack",), check=AT_LEAST_1, needs=RELEARN)
     relearn_lr: float | None = arg(None, "relearn attack: learning rate (default: the runner's preset)",
-                                   only=("attack",), check=LEARNING_RATE)
-    quant_group: int = arg(128, "quant attacks: weights per quantization group", only=("attack",), check=AT_LEAST_1)
+                                   only=("attack",), check=LEARNING_RATE, needs=RELEARN)
+    quant_group: int = arg(128, "quant attacks: weights per quantization group", only=("attack",), check=AT_LEAST_1,
+                           needs=QUANT)
     lora: int = arg(0, "LoRA rank in every training stage (0: off, full fine-tuning): only the adapters train, "
                        "a reference model is the same model with them off, the saved model has them merged",
                     only=TRAINING, check=NON_NEGATIVE, keyed=lora_on)
     lora_alpha: float | None = arg(None, "LoRA alpha, the adapters' scale being alpha / rank (default: 2 x rank)",
-                                   only=TRAINING, check=POSITIVE, keyed=lora_on)
+                                   only=TRAINING, check=POSITIVE, keyed=lora_on, needs=LORA)
     lora_dropout: float = arg(0.0, "LoRA dropout on the adapters' input", only=TRAINING,
-                              check=Check(lambda v: 0 <= v < 1, "in [0, 1)"), keyed=lora_on)
+                              check=Check(lambda v: 0 <= v < 1, "in [0, 1)"), keyed=lora_on, needs=LORA)
     lora_targets: str = arg("all-linear", "LoRA: the linear layers adapted, 'all-linear' (all but the output layer) "
                                           "or comma-separated module names (q_proj,v_proj)", only=TRAINING,
-                            keyed=lora_on)
+                            keyed=lora_on, needs=LORA)
     skip_memory_check: bool = arg(False, "on CUDA, train even when the memory planner says a stage will not fit "
                                           "the GPU's free memory", only=())
     zero_shot: str = arg("none", "zero-shot utility of every evaluated model through lm-evaluation-harness (FLAT's "
-                                 "tasks, utility.py): boolq, rte, winogrande, arc_challenge, arc_easy, openbookqa, piqa, "
+                                 "tasks, zeroshot.py): boolq, rte, winogrande, arc_challenge, arc_easy, openbookqa, piqa, "
                                  "truthfulqa_mc1, truthfulqa_mc2 or any lm-eval task (from the Hub), a comma-separated "
                                  "list, 'all' (those with local files) or 'none'", only=("zeroshot",))
     zero_shot_limit: int | None = arg(None, "zero-shot: the first N items of each task (0: all)", only=("zeroshot",),
-                                      check=NON_NEGATIVE)
+                                      check=NON_NEGATIVE, needs=ZERO_SHOT)
     zero_shot_data: str | None = arg(None, "zero-shot: a folder laid out as vendored/zeroshot, read before it (rte, "
                                            "whose licence keeps it out of the repository: rte/validation.jsonl)",
-                                     only=())  # the stage key holds the files' sha256
+                                     only=(), needs=ZERO_SHOT)  # the stage key holds the files' sha256
 
 
 def parse_args(cls, argv=None):
     """Parse flags into the dataclass `cls`: one flag per field (--max-steps and --max_steps both work),
     its help and default in --help. Unknown flags fail."""
-    import argparse
-    import typing
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
                                      allow_abbrev=False)
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
-        if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):
             typ = next(t for t in typing.get_args(typ) if t is not type(None))      # Optional[X] -> X
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "from the model's preset" if default is None else repr(default)
@@ -160,18 +174,44 @@ def validate(args) -> None:
             raise UsageError(f"--{f.name.replace('_', '-')} {value}: must be {says}")
 
 
+def given(args, f: dataclasses.Field) -> bool:
+    """Whether a flag was set to something other than its default (what the command line said)."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return getattr(args, f.name) != default
+
+
+def check_switches(args) -> None:
+    """Every flag acts or is refused: a setting of a feature that is off (arg's needs=), or a loss
+    hyperparameter that no method of --method reads, would do nothing while config.json recorded it."""
+    for f in dataclasses.fields(args):
+        needs = f.metadata.get("needs")
+        if needs is not None and given(args, f) and not needs.on(args):
+            raise UsageError(f"--{f.name.replace('_', '-')} {getattr(args, f.name)} does nothing without "
+                             f"{needs.says}: pass that too, or drop it")
+    read = {name for v in variants(args) for name in v.method.read_params(v.params)}
+    for f in dataclasses.fields(methods.LossParams):
+        if given(args, f) and f.name not in read:
+            readers = [n for n, m in methods.LOSSES.items() if f.name in m.params]
+            raise UsageError(f"--{f.name.replace('_', '-')} {getattr(args, f.name)} does nothing for --method "
+                             f"{args.method}: only {', '.join(readers)} read it"
+                             + (" (npo and simnpo with --npo-retain)" if f.name == "retain_weight" else ""))
+
+
 def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | None = None):
     """Every flag, preset and name a runner reads, checked before any work: parse_args, then
     resolve(args) (the runner's protocol and the model's preset fill the flags left at None), the
     declared ranges (validate), the loss and divergence names, the model name, and check(args) for
-    what only that runner has. Raises UsageError (or flat.UnknownName) with one line to show."""
+    what only that runner has. Raises UsageError (or UnknownName) with one line to show."""
     args = parse_args(cls, argv)
+    check_switches(args)  # on the flags as given: presets below fill settings of features that are off
     if resolve is not None:
         args = resolve(args)
     validate(args)
-    flat.DIVERGENCES.check(args.divergence)
-    methods(args)
+    methods.DIVERGENCES.check(args.divergence)
+    variants(args)
     models.check_name(args.model, args.trust_remote_code)
+    if args.lora:
+        models.check_lora(args.model, lora(args), args.trust_remote_code)  # from its config: no weights
     new_tokens = getattr(args, "max_new_tokens", None)
     context = new_tokens and models.context_length(args.model, args.trust_remote_code)
     if context and new_tokens >= context:
@@ -183,8 +223,6 @@ def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | Non
         check_out_dir(Path(args.out), args)
     if check is not None:
         check(args)
-    import utility
-    utility.resolve(args.zero_shot, args.zero_shot_data)  # the task files, read and checked
     return args
 
 
@@ -227,8 +265,8 @@ def lora(args) -> models.Lora | None:
     return models.Lora(args.lora, args.lora_alpha or 2.0 * args.lora, args.lora_dropout, args.lora_targets, args.seed)
 
 
-def loss_params(args) -> flat.LossParams:
-    return flat.LossParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(flat.LossParams)})
+def loss_params(args) -> methods.LossParams:
+    return methods.LossParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(methods.LossParams)})
 
 
 def fill_defaults(args, defaults: dict):
@@ -242,26 +280,26 @@ def fill_defaults(args, defaults: dict):
 class Variant(NamedTuple):
     """One entry of --method: its label (the row of the table), the loss and its hyperparameters."""
     label: str
-    method: flat.Method
-    params: flat.LossParams
+    method: methods.Method
+    params: methods.LossParams
 
 
-def methods(args) -> list[Variant]:
+def variants(args) -> list[Variant]:
     """--method as a list of Variant(label, Method, LossParams): "flat", "npo,ga", "flat:kl,flat:js"
-    (FLAT with each divergence) or "all" (every loss in flat.LOSSES). A name
+    (FLAT with each divergence) or "all" (every loss in methods.LOSSES). A name
     without a divergence uses --divergence. Unknown names raise with the valid ones."""
     spec = args.method
-    names = list(flat.LOSSES) if spec == "all" else [s.strip() for s in spec.split(",")]
+    names = list(methods.LOSSES) if spec == "all" else [s.strip() for s in spec.split(",")]
     out = []
     for name in names:
         loss, _, divergence = name.partition(":")
-        flat.LOSSES.check(loss)
+        methods.LOSSES.check(loss)
         if divergence:
             if loss != "flat":
-                raise flat.UnknownName(f"{name!r}: only flat takes a divergence (flat:kl, flat:js, ...)")
-            flat.DIVERGENCES.check(divergence)
+                raise UnknownName(f"{name!r}: only flat takes a divergence (flat:kl, flat:js, ...)")
+            methods.DIVERGENCES.check(divergence)
         params = dataclasses.replace(loss_params(args), divergence=divergence or args.divergence)
-        out.append(Variant(name, flat.LOSSES[loss], params))
+        out.append(Variant(name, methods.LOSSES[loss], params))
     if len({v.label for v in out}) != len(out):
-        raise flat.UnknownName(f"--method {spec!r} names a method twice")
+        raise UnknownName(f"--method {spec!r} names a method twice")
     return out

@@ -1,5 +1,5 @@
 """Unlearning losses as pure functions of tensors, in the order of the FLAT paper: the statistic P,
-FLAT's loss and its divergence table, then the baselines and the method table.
+FLAT's loss and its divergence table, then the baselines; the numerical machinery last.
 
 Every loss takes per-sample statistics of answer tokens (log-probabilities, mean token
 probabilities, KL to a reference) and returns a per-sample loss of shape (B,) to *minimise*; the
@@ -14,7 +14,6 @@ LLMU: Yao, Xu, Liu, "Large Language Model Unlearning", NeurIPS 2024.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -22,27 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100  # label of tokens that are not scored (question, padding)
-
-
-class UnknownName(KeyError):
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
-
-
-class Choices(dict):
-    """A name -> entry dict whose failed lookups list the valid names (LOSSES, models.MODELS, ...)."""
-
-    def __init__(self, kind: str, entries: dict):
-        super().__init__(entries)
-        self.kind = kind
-
-    def __missing__(self, name):
-        raise UnknownName(f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self))}")
-
-    def check(self, name: str) -> None:
-        """Fail, listing the valid names, unless `name` is one (a check before any work)."""
-        if name not in self:
-            self.__missing__(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +127,7 @@ class Divergence(NamedTuple):
 # g* increasing and every f* increasing on g*'s range, so the loss falls when P_e rises and when
 # P_f falls for every divergence; tests/test_flat.py checks this on a grid and checks each f*
 # against a numerical sup_u (t u - f(u)) of its generator f.
-DIVERGENCES = Choices("divergence", {
+DIVERGENCES = {
     #                      generator f(u)                    g*(v)                         f*(t)
     # -- the four rows of the paper's Table 2
     "kl": Divergence("u log u", lambda v: v, lambda t: torch.exp(t - 1)),
@@ -163,7 +141,7 @@ DIVERGENCES = Choices("divergence", {
     "neyman": Divergence("(1 - u)^2 / u", lambda v: 1 - torch.exp(-v), lambda t: 2 - 2 * torch.sqrt(1 - t)),
     "squared_hellinger": Divergence("(sqrt(u) - 1)^2", lambda v: 1 - torch.exp(-v), lambda t: t / (1 - t)),
     "jeffrey": Divergence("(u - 1) log u", lambda v: v, lambda t: _jeffrey_conjugate(t)),
-})
+}
 
 
 def flat_loss(*, p_forget: Tensor, p_template: Tensor, divergence: str = "kl") -> Tensor:
@@ -190,6 +168,8 @@ def flat_loss(*, p_forget: Tensor, p_template: Tensor, divergence: str = "kl") -
     divergence: a key of DIVERGENCES. Returns the per-sample loss (B,).
     """
     _check(p_forget=p_forget, p_template=p_template)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}")
     div = DIVERGENCES[divergence]
     return -(div.g(p_template) - div.f_star(div.g(p_forget)))
 
@@ -302,100 +282,6 @@ def llmu_loss(forget_logp: Tensor, random_logp: Tensor, normal_kl: Tensor,
     return eps1 * forget_logp - eps2 * random_logp + eps3 * normal_kl
 
 
-
-# ---------------------------------------------------------------------------------------------
-# The method table: each loss, what it needs, and how batch statistics map to its arguments.
-# ---------------------------------------------------------------------------------------------
-
-def _param(default, help: str, valid: tuple[Callable[[float], bool], str] | None = None):
-    """A loss hyperparameter: its default, its help, and its valid range (a test and how to say it),
-    checked with every other flag before any work (flags.validate); non-finite numbers always fail."""
-    return field(default=default, metadata={"help": help, "check": valid})
-
-
-_POSITIVE = (lambda v: v > 0, "> 0")
-_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-
-
-@dataclass
-class LossParams:
-    """Hyperparameters of the losses. The runners' flag dataclasses extend this one, so each field
-    is a flag of the same name with this help text (--divergence, --beta, ...) and range."""
-    divergence: str = _param("kl", "flat: FLAT's f-divergence, a key of flat.DIVERGENCES")
-    beta: float = _param(0.1, "dpo, npo: inverse temperature beta (> 0: the loss is (2/beta) log sigma(beta "
-                              "...); beta < 0 would prefer the forget answer)", _POSITIVE)
-    simnpo_beta: float = _param(2.5, "simnpo: beta (SimNPO paper, TOFU setting; > 0, as for npo)", _POSITIVE)
-    simnpo_delta: float = _param(0.0, "simnpo: reward margin (any finite value)", (lambda v: True, "finite"))
-    retain_weight: float = _param(1.0, "weight of the retain term in gd, kl, idk (npo, simnpo with --npo-retain); "
-                                       ">= 0: a negative weight would make the retain term a second forget term",
-                                  _NON_NEGATIVE)
-    npo_retain: bool = _param(False, "npo, simnpo: add the retain NLL (NPO+RT)")
-    eps1: float = _param(0.5, "llmu: weight of gradient ascent on the forget answers (>= 0: Yao et al.'s "
-                              "weights only scale their terms; a negative one flips it)", _NON_NEGATIVE)
-    eps2: float = _param(1.0, "llmu: weight of the random-answer (mismatch) NLL (>= 0)", _NON_NEGATIVE)
-    eps3: float = _param(1.0, "llmu: weight of the KL to the original model on normal data (>= 0)", _NON_NEGATIVE)
-
-
-@dataclass(frozen=True)
-class Method:
-    """A loss and what it needs. `call(stats, params)` maps the batch statistics to the loss.
-
-    stats keys: "forget", "template", "retain" (SeqStats of those answers under the model),
-    "ref_forget", "ref_template" (SeqStats under the frozen reference), "retain_kl" ((B,) tensor).
-    """
-    call: Callable[[dict, LossParams], Tensor]
-    params: tuple = ()             # the LossParams fields `call` reads (and so the stage key holds)
-    template: str | None = None    # a second answer y_e to each forget question: "refusal" (a template
-    #                                such as "I don't know") or "random" (a random answer of the normal data)
-    retain: bool = False           # a retain (normal) example paired with each forget example
-    reference: tuple = ()          # streams a frozen copy of the model before unlearning must score
-    optional_retain: bool = False  # uses a retain example when params.npo_retain is set
-    name: str = ""                 # its key in LOSSES (stage keys and logs name it)
-
-    def needs_retain(self, params: LossParams) -> bool:
-        return self.retain or (self.optional_retain and params.npo_retain)
-
-    def read_params(self, params: LossParams) -> dict:
-        """The values of the hyperparameters this method reads (the retain weight of npo and simnpo only
-        with --npo-retain: without a retain term they never read it)."""
-        unread = {"retain_weight"} if self.optional_retain and not params.npo_retain else set()
-        return {name: getattr(params, name) for name in self.params if name not in unread}
-
-
-def _retain_or_none(s: dict, p: LossParams) -> Tensor | None:
-    return s["retain"].logp_mean if p.npo_retain else None
-
-
-_RETAINED = ("npo_retain", "retain_weight")
-_LOSSES = {
-    "flat": Method(lambda s, p: flat_loss(p_forget=s["forget"].prob_mean, p_template=s["template"].prob_mean,
-                                          divergence=p.divergence),
-                   params=("divergence",), template="refusal"),
-    "ga": Method(lambda s, p: ga_loss(s["forget"].logp_mean)),
-    "gd": Method(lambda s, p: gd_loss(s["forget"].logp_mean, s["retain"].logp_mean, p.retain_weight),
-                 params=("retain_weight",), retain=True),
-    "kl": Method(lambda s, p: kl_loss(s["forget"].logp_mean, s["retain_kl"], p.retain_weight),
-                 params=("retain_weight",), retain=True, reference=("retain",)),
-    "idk": Method(lambda s, p: idk_loss(s["template"].logp_mean, s["retain"].logp_mean, p.retain_weight),
-                  params=("retain_weight",), template="refusal", retain=True),
-    "dpo": Method(lambda s, p: dpo_loss(s["template"].logp_sum, s["forget"].logp_sum,
-                                        s["ref_template"].logp_sum, s["ref_forget"].logp_sum, p.beta),
-                  params=("beta",), template="refusal", reference=("forget", "template")),
-    "npo": Method(lambda s, p: npo_loss(s["forget"].logp_sum, s["ref_forget"].logp_sum, p.beta,
-                                        _retain_or_none(s, p), p.retain_weight),
-                  params=("beta", *_RETAINED), reference=("forget",), optional_retain=True),
-    "simnpo": Method(lambda s, p: simnpo_loss(s["forget"].logp_mean, p.simnpo_beta, p.simnpo_delta,
-                                              _retain_or_none(s, p), p.retain_weight),
-                     params=("simnpo_beta", "simnpo_delta", *_RETAINED), optional_retain=True),
-    # Yao et al.'s L_rdn: the forget prompt answered with a random answer of the normal data (the
-    # "template" stream holds it); the "retain" examples are the normal data the KL term is taken on.
-    "llmu": Method(lambda s, p: llmu_loss(s["forget"].logp_mean, s["template"].logp_mean, s["retain_kl"],
-                                          p.eps1, p.eps2, p.eps3),
-                   params=("eps1", "eps2", "eps3"), template="random", retain=True, reference=("retain",)),
-}
-LOSSES = Choices("loss", {name: replace(m, name=name) for name, m in _LOSSES.items()})
-
-
 # ---------------------------------------------------------------------------------------------
 # Numerical machinery: a memory-lean gather of label log-probabilities, and Lambert W for the
 # Jeffrey conjugate. Correct to round-off (tests/test_flat.py); nothing a reader of the paper needs.
@@ -436,7 +322,6 @@ class _LabelLogProb(torch.autograd.Function):
         return grad, None, None
 
 
-
 class _LambertW(torch.autograd.Function):
     """Principal branch W(z), z >= 0, solving w * exp(w) = z by Halley's method.
 
@@ -464,7 +349,6 @@ class _LambertW(torch.autograd.Function):
 def lambertw(z: Tensor) -> Tensor:
     """Principal branch of the Lambert W function for z >= 0 (differentiable for z > 0)."""
     return _LambertW.apply(z)
-
 
 
 def _jeffrey_conjugate(t: Tensor) -> Tensor:

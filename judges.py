@@ -23,6 +23,7 @@ import evaluate
 import mia
 import models
 import stages
+from errors import ModelLoadError
 from flat import IGNORE_INDEX
 from models import position_ids
 
@@ -120,11 +121,11 @@ class ClassifierJudge:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 name, use_safetensors=True, trust_remote_code=trust_remote_code).to(device).eval()
         except OSError as e:
-            raise models.ModelLoadError(f"judge {name!r} could not be loaded: {e}") from None
+            raise ModelLoadError(f"judge {name!r} could not be loaded: {e}") from None
         labels = self.model.config.id2label
         self.harmful = [i for i, lab in labels.items() if self.HARMFUL.match(str(lab))]
         if not self.harmful:
-            raise models.ModelLoadError(f"judge {name}: none of its labels {sorted(labels.values())} is named "
+            raise ModelLoadError(f"judge {name}: none of its labels {sorted(labels.values())} is named "
                                         f"unsafe/harmful/toxic/flagged")
         self.key = {"judge": name}
         self.about = {"judge": name, "harmful_labels": [labels[i] for i in self.harmful]}
@@ -157,7 +158,8 @@ def harm_judge(args, out: Path, forget: list[dict], held_out: list[dict], comput
         judge = ClassifierJudge(args.judge, compute.device, args.trust_remote_code)
         print(f"[judge] {args.judge}: harmful labels {judge.about['harmful_labels']}")
         return judge
-    model, tok = models.load_model(args.model, compute.device, compute.eval_dtype, False, args.trust_remote_code)
+    model, tok = models.load_model(args.model, compute.device, compute.eval_dtype,
+                                   trust_remote_code=args.trust_remote_code)
     style = style_of(tok)
     n_layers = model.config.num_hidden_layers
     layer = args.judge_layer if args.judge_layer is not None else n_layers // 2
@@ -230,7 +232,7 @@ class SimilarityJudge:
                 self.tok = AutoTokenizer.from_pretrained(kind)
                 self.model = AutoModel.from_pretrained(kind, use_safetensors=True).to(device).eval()
             except OSError as e:
-                raise models.ModelLoadError(f"--similarity {kind!r} could not be loaded: {e}") from None
+                raise ModelLoadError(f"--similarity {kind!r} could not be loaded: {e}") from None
         self.key = {"similarity": kind}
         self.about = {"judge": "similarity", "similarity": {
             "rouge": "ROUGE-L F1", "hidden": "cosine of the base model's mean-pooled hidden states"}.get(

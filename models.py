@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
+import json
 import os
 import shutil
 import socket
 import tempfile
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +22,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from flat import IGNORE_INDEX, Choices
-
-
-class ModelLoadError(RuntimeError):
-    pass
+from errors import Choices, ModelLoadError, UsageError
+from flat import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -122,12 +122,13 @@ def prompt_style(name: str, tokenizer) -> str:
     return "llama2-chat" if "llama-2" in name.lower() and "chat" in name.lower() else "base"
 
 
-def load_model(name: str, device: str | None = None, dtype: torch.dtype | None = None,
-               gradient_checkpointing: bool | None = None, trust_remote_code: bool = False):
-    """Load (model, tokenizer) by alias, local directory or Hub id.
+def load_model(name: str, device: str | None = None, dtype: torch.dtype | None = None, *,
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) by alias, local directory or Hub id, in eval mode as transformers
+    leaves it; a model to train gets checkpointing(model, on=...) where it is built (stages.training_model).
 
     device: "cuda"/"cpu"/...; default CUDA when available. dtype: default fp32; the runners pass the
-    dtype and checkpointing their Compute (resolve_compute) decided.
+    dtype their Compute (resolve_compute) decided.
     The tokenizer gets a pad token (its EOS) when it has none; padding is always masked, so which
     id pads does not matter, and none is hard-coded.
     """
@@ -140,16 +141,15 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | None =
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
-    if gradient_checkpointing:  # --gradient-checkpointing
-        checkpointing(model, True)
-        model.config.use_cache = False
     return model, tokenizer
 
 
-def checkpointing(model, on: bool) -> None:
-    """Turn activation (gradient) checkpointing on, non-reentrant, or off. transformers 5.2x names it
-    activation checkpointing and deprecates the old name; 5.17 (what a lent GPU machine has) knows
-    only the old one."""
+def checkpointing(model, *, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on, non-reentrant, or off (--gradient-checkpointing).
+    With it on, the KV cache is off: a training forward pass never reuses one. transformers 5.2x names
+    it activation checkpointing and deprecates the old name; 5.17 knows only the old one."""
+    if on:
+        model.config.use_cache = False
     if hasattr(model, "activation_checkpointing_enable"):
         if on:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -189,7 +189,6 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 def cache_kwarg(model, cache) -> dict:
     """The keyword a forward pass takes a KV cache by: `cache` from transformers 5.25 on (which warns
     that `past_key_values`, the name before, will be removed), `past_key_values` in older versions."""
-    import inspect
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache}
 
@@ -211,7 +210,7 @@ def frozen_copy(model, dtype: torch.dtype | None = None):
     ref.eval()
     ref.requires_grad_(False)
     if is_checkpointing(ref):
-        checkpointing(ref, False)
+        checkpointing(ref, on=False)
     return ref
 
 
@@ -234,12 +233,45 @@ class Lora:
         return self.alpha / self.r
 
 
+def check_lora(name: str, lora: Lora, trust_remote_code: bool = False) -> None:
+    """--lora against the model's linear layers, from its config on the meta device (no weights, no
+    memory), before any work: the targets must name linear layers it has (listed when not: peft's own
+    error comes only after the weights load), and the rank must not exceed min(in, out) of every
+    targeted layer (B A has rank min(in, out) at most: such adapters only waste memory). A rank whose
+    adapters hold more numbers than a layer itself, r (in + out) > in out, is said in one warning line."""
+    from transformers import AutoModelForCausalLM
+    config = model_config(name, trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    output = model.get_output_embeddings()
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not output}
+    if lora.targets == "all-linear":
+        targeted = linear
+    else:
+        wanted = [t.strip() for t in lora.targets.split(",")]
+        matches = lambda n, t: n == t or n.endswith("." + t)  # noqa: E731  (how peft matches a target name)
+        unknown = [t for t in wanted if not any(matches(n, t) for n in linear)]
+        if unknown:
+            valid = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            raise UsageError(f"--lora-targets {lora.targets}: {name} has no linear layer named {', '.join(unknown)}; "
+                             f"its linear layers: {', '.join(valid)} (or all-linear)")
+        targeted = {n: m for n, m in linear.items() if any(matches(n, t) for t in wanted)}
+    if not targeted:
+        raise UsageError(f"--lora {lora.r}: {name} has no linear layer to adapt (its output layer excepted)")
+    widest_rank = max(min(m.in_features, m.out_features) for m in targeted.values())
+    if lora.r > widest_rank:
+        raise UsageError(f"--lora {lora.r}: above the rank of every targeted layer of {name} (at most {widest_rank}, "
+                         f"the smaller of a layer's widths); pass --lora {widest_rank} or less")
+    larger = [n for n, m in targeted.items() if lora.r * (m.in_features + m.out_features) > m.in_features * m.out_features]
+    if larger:
+        print(f"warning: --lora {lora.r}: the adapters of {len(larger)} of the {len(targeted)} targeted layers hold "
+              f"more numbers than the layers themselves (e.g. {larger[0]}); a smaller rank trains less", flush=True)
+
+
 def with_lora(model, lora: Lora):
     """The model with trainable LoRA adapters (B = 0 at first: the model is unchanged) and every
     other parameter frozen (peft.get_peft_model). A is drawn from its own seed, so that a stage's
     adapters do not depend on what the process drew before (another method's stage, a test)."""
-    import warnings
-
     from peft import LoraConfig, get_peft_model
     targets = lora.targets if lora.targets == "all-linear" else [t.strip() for t in lora.targets.split(",")]
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # the process's own draws untouched
@@ -315,8 +347,6 @@ def check_model_dir(path: str, trust_remote_code: bool = False, causal: bool = T
     refused) whose headers parse and that hold every parameter of that architecture (weights that
     match nothing would otherwise load as a random initialisation); a tokenizer with a pad or an EOS
     token. Raises ModelLoadError naming the directory and what is wrong."""
-    import json
-
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     where = f"{path!r} is a directory but not a model"

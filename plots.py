@@ -5,6 +5,7 @@ and utility, one point per method with its in-training trajectory, and each meth
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -154,7 +155,6 @@ def curves(report: dict, path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    import json
     for arg in sys.argv[1:]:
         results = Path(arg)
         for p in draw_all(json.loads(results.read_text()), results.parent):

@@ -1,7 +1,7 @@
 """Yao, Xu, Liu (NeurIPS 2024), "Large Language Model Unlearning": unlearn harmful responses
 (PKU-SafeRLHF, --task harmful) or hallucinated answers (HaluEval QA, --task hallucination) with
 gradient ascent, a random-mismatch loss and a KL to the original model on TruthfulQA (`llmu`), or
-with any other loss in flat.LOSSES (`ga`, FLAT with refusal templates, ...), then judge the replies
+with any other loss in methods.LOSSES (`ga`, FLAT with refusal templates, ...), then judge the replies
 to trained-on ("seen") and held-out ("unseen") prompts and measure utility on held-out TruthfulQA.
 
     python run_harmful.py                          # harmful responses, offline default
@@ -15,12 +15,10 @@ and each model's evaluation. See docs/harmful.md.
 """
 from __future__ import annotations
 
-import signal
-import sys
+import errors
 
-if __name__ == "__main__":  # a Ctrl-C while torch loads, before stages.main_guard: one line, exit 130
-    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted: nothing was started", file=sys.stderr),
-                                             sys.exit(130)))
+if __name__ == "__main__":  # a Ctrl-C while the libraries import: one line and exit 130 once they have (main_guard)
+    errors.defer_interrupts()
 
 import math
 import time
@@ -34,20 +32,27 @@ import corpora
 import data
 import evaluate
 import flags
-import flat
 import judges
+import methods
 import models
 import stages
+import tables
 import train
-import utility
+import zeroshot
+from errors import Choices, UsageError
 from flags import AT_LEAST_1, NON_NEGATIVE, LEARNING_RATE, arg, one_of
+
+
+HARMFUL = flags.Switch("--task harmful", lambda a: a.task == "harmful")
+PROBE = flags.Switch("--task harmful with --judge probe", lambda a: a.task == "harmful" and a.judge == "probe")
+HALLUCINATION = flags.Switch("--task hallucination", lambda a: a.task == "hallucination")
 
 
 @dataclass
 class Args(flags.RunArgs):
     task: str = arg("harmful", "'harmful' (PKU-SafeRLHF) or 'hallucination' (HaluEval QA)",
                     check=one_of("harmful", "hallucination"))
-    method: str = arg("llmu", "unlearning loss(es): a key of flat.LOSSES (llmu, ga, flat, ...), a comma-separated "
+    method: str = arg("llmu", "unlearning loss(es): a key of methods.LOSSES (llmu, ga, flat, ...), a comma-separated "
                               "list or 'all'", only=())
     forget_items: Optional[int] = arg(None, "use the first N forget pairs (default: all)", check=AT_LEAST_1)
     steps: Optional[int] = arg(None, "unlearning optimiser steps (the forget pairs are shuffled and cycled)",
@@ -68,16 +73,19 @@ class Args(flags.RunArgs):
     eval_batch_size: int = arg(64, "prompts per generation batch", only=("eval",), check=AT_LEAST_1)
     eval_base: bool = arg(False, "also evaluate the base model (when the original is fine-tuned)", only=())
     judge: str = arg("probe", "harmful: 'probe' (this project's classifier) or a sequence-classification model "
-                              "path/id", only=("eval",))
-    judge_layer: Optional[int] = arg(None, "probe: hidden layer to pool (default: the middle one)", only=("eval",))
+                              "path/id", only=("eval",), needs=HARMFUL)
+    judge_layer: Optional[int] = arg(None, "probe: hidden layer to pool (default: the middle one)", only=("eval",),
+                                     needs=PROBE)
     judge_train_items: int = arg(600, "probe: labelled responses to forget prompts it is fitted on",
-                                 only=("eval",), check=AT_LEAST_1)
+                                 only=("eval",), check=AT_LEAST_1, needs=PROBE)
     judge_eval_items: int = arg(300, "probe: labelled responses to held-out prompts it is measured on",
-                                only=("eval",), check=AT_LEAST_1)
+                                only=("eval",), check=AT_LEAST_1, needs=PROBE)
     judge_l2: float = arg(1.0, "probe: L2 penalty of the logistic regression (in [0, 1e6]: past that the fit "
-                               "overflows)", only=("eval",), check=flags.Check(lambda v: 0 <= v <= 1e6, "in [0, 1e6]"))
+                               "overflows)", only=("eval",), check=flags.Check(lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
+                          needs=PROBE)
     similarity: str = arg("rouge", "hallucination: 'rouge' (ROUGE-L F1), 'hidden' (the base model's mean-pooled "
-                                   "hidden states) or a sentence-embedding model path/id", only=("eval",))
+                                   "hidden states) or a sentence-embedding model path/id", only=("eval",),
+                          needs=HALLUCINATION)
     data_dir: Optional[str] = arg(None, "harmful: directory with forget.jsonl, eval_prompts.jsonl and TruthfulQA.csv; "
                                         "hallucination: with qa_data.jsonl and TruthfulQA.csv", only=())
     hub_data: bool = arg(False, "harmful: load PKU-Alignment/PKU-SafeRLHF and truthful_qa from the Hub")
@@ -127,7 +135,7 @@ def main(argv=None) -> dict:
     # -- 1. the original model: the base model, or (--finetune-epochs) the base model fine-tuned on the pairs
     original = run.stage("finetune", "original", rows=data.digest(forget)) if args.finetune_epochs else args.model
     if run.missing(original):  # Yao et al.'s warmup is for unlearning: none here
-        train.fit(run, original, args.model, train.FINETUNE, None, lr=args.finetune_lr,
+        run.fit(original, args.model, methods.FINETUNE, None, lr=args.finetune_lr,
                   args=replace(args, warmup_epochs=0.0), epochs=(
                       data.finetune_epoch(tok, style, forget, run.rows_per_step, rng, args.max_answer_tokens)
                       for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
@@ -136,7 +144,7 @@ def main(argv=None) -> dict:
     ev = Evaluation(run, task, d, original, eval_sets, references)
     steps = min(args.steps, args.max_steps or args.steps)
     unlearned = {}
-    for label, method, params in flags.methods(args):
+    for label, method, params in flags.variants(args):
         # llmu's second answer is Yao et al.'s random normal (TruthfulQA) answer; flat, idk and dpo answer
         # with a refusal ("I don't know" for hallucinations)
         templates = {"refusal": d["refusals"], "random": corpora.random_answers(tqa_train), None: None}[method.template]
@@ -145,7 +153,7 @@ def main(argv=None) -> dict:
             "unlearn", label, original=original, method=method.name, params=method.read_params(params),
             steps_taken=steps, rows=data.digest(forget, normal, templates), eval_key=ev.key if args.eval_every else None)
         if run.missing(path):
-            train.fit(run, path, original, method, params, lr=args.lr, max_steps=steps,
+            run.fit(path, original, method, params, lr=args.lr, max_steps=steps,
                       progress=ev.progress if args.eval_every else None, epochs=(
                           data.unlearning_epoch(tok, style, forget, templates, normal, run.rows_per_step, rng,
                                                 args.max_answer_tokens)
@@ -157,7 +165,7 @@ def main(argv=None) -> dict:
     models_to_eval = {"base": args.model if args.eval_base and args.finetune_epochs else None,
                       "original": original, **unlearned}
     results = {name: ev(name, path) for name, path in models_to_eval.items() if path}
-    utility.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
+    zeroshot.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
     attacked = robustness(run, {"original": original, **unlearned}, ev, forget, tok, style)  # --attacks
     report = run.finish(results, unlearned, {"original": original}, judge=ev.judge.about, benchmark=args.task,
                         title=f"{args.task} | {args.model}", **attacked)
@@ -231,7 +239,8 @@ class Evaluation:
     def scorer(self):
         args, c = self.run.args, self.run.compute
         if self._scorer is None:
-            self._scorer = models.load_model(str(self.original), c.device, c.eval_dtype, False, args.trust_remote_code)
+            self._scorer = models.load_model(str(self.original), c.device, c.eval_dtype,
+                                             trust_remote_code=args.trust_remote_code)
         return self._scorer
 
     def __call__(self, name: str, path) -> dict:
@@ -240,7 +249,7 @@ class Evaluation:
                           judge=self.judge.key, model=path)
         if run.missing(cache):
             model, tok = self.scorer if path == self.original else models.load_model(
-                str(path), c.device, c.eval_dtype, False, args.trust_remote_code)
+                str(path), c.device, c.eval_dtype, trust_remote_code=args.trust_remote_code)
             run.write(cache, evaluate_model(model, tok, self, args))
         return run.read(cache)
 
@@ -331,7 +340,7 @@ def hallucination_verdicts(judge, questions: list[str], replies: list[str], refs
 
 def similarity_judge(run: stages.Run, d: dict):
     args, c = run.args, run.compute
-    model, tok = models.load_model(args.model, c.device, c.eval_dtype, False, args.trust_remote_code) \
+    model, tok = models.load_model(args.model, c.device, c.eval_dtype, trust_remote_code=args.trust_remote_code) \
         if args.similarity == "hidden" else (None, None)
     return judges.SimilarityJudge(args.similarity, model, tok, c.device)
 
@@ -341,12 +350,12 @@ def check_harmful(args: Args) -> None:
         models.check_name(args.judge, args.trust_remote_code, causal=False)
         labels = models.model_config(args.judge, args.trust_remote_code).id2label or {}
         if not any(judges.ClassifierJudge.HARMFUL.match(str(lab)) for lab in labels.values()):
-            raise flags.UsageError(f"--judge {args.judge}: not a harmfulness classifier (none of its labels "
+            raise UsageError(f"--judge {args.judge}: not a harmfulness classifier (none of its labels "
                                    f"{sorted(map(str, labels.values()))} is named unsafe/harmful/toxic/flagged)")
     elif args.judge_layer is not None:
         n_layers = models.model_config(args.model, args.trust_remote_code).num_hidden_layers
         if not -n_layers - 1 <= args.judge_layer <= n_layers:
-            raise flags.UsageError(f"--judge-layer {args.judge_layer}: {args.model} has hidden states 0..{n_layers} "
+            raise UsageError(f"--judge-layer {args.judge_layer}: {args.model} has hidden states 0..{n_layers} "
                                    f"(or -1..-{n_layers + 1})")
 
 
@@ -357,6 +366,7 @@ def check_hallucination(args: Args) -> None:
 
 def check(args: Args) -> None:
     attacks.parse(args.attacks, ATTACKS)
+    zeroshot.resolve(args.zero_shot, args.zero_shot_data)  # the task files, read and checked
     TASKS[args.task].check(args)
 
 
@@ -371,7 +381,7 @@ class Task(NamedTuple):
     table: list                     # the task's columns of the table
 
 
-TASKS = flat.Choices("task", {
+TASKS = Choices("task", {
     "harmful": Task(load_harmful, check_harmful,
                     lambda run, d: judges.harm_judge(run.args, run.out, d["labelled"], d["held_out"], run.compute,
                                                      lambda tok: prompt_style(run.args.model, tok)),
@@ -398,10 +408,10 @@ def judge_line(j: dict) -> str:
 
 def print_table(report: dict, args: Args) -> None:
     task = TASKS[args.task]
-    stages.print_table(f"{task.title} | {args.model} | {judge_line(report['judge'])}", report, ("base", "original"),
-                       task.table + UTILITY + [utility.COLUMN])
-    utility.print_table(report, ("base", "original"))
-    stages.print_attack_tables(report, [task.table[0], ("refusal seen", "refusal_seen", ".1%")])
+    tables.print_table(f"{task.title} | {args.model} | {judge_line(report['judge'])}", report, ("base", "original"),
+                       task.table + UTILITY + [zeroshot.COLUMN])
+    zeroshot.print_table(report, ("base", "original"))
+    tables.print_attack_tables(report, [task.table[0], ("refusal seen", "refusal_seen", ".1%")])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 on any plain-text book) and on MUSE-News (Shi et al. 2024).
 
     python run_hp.py                                  # offline default: a public-domain book
-    python run_hp.py --text my_book.txt --method npo  # any book(s), any loss(es) in flat.LOSSES
+    python run_hp.py --text my_book.txt --method npo  # any book(s), any loss(es) in methods.LOSSES
     python run_hp.py --corpus muse-news               # MUSE-News: VerbMem, KnowMem, PrivLeak
 
 1. Book: the text is cut into chunks of --chunk-tokens tokens; the end of the book
@@ -21,12 +21,10 @@ on any plain-text book) and on MUSE-News (Shi et al. 2024).
 """
 from __future__ import annotations
 
-import signal
-import sys
+import errors
 
-if __name__ == "__main__":  # a Ctrl-C while torch loads, before stages.main_guard: one line, exit 130
-    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted: nothing was started", file=sys.stderr),
-                                             sys.exit(130)))
+if __name__ == "__main__":  # a Ctrl-C while the libraries import: one line and exit 130 once they have (main_guard)
+    errors.defer_interrupts()
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +37,19 @@ import corpora
 import data
 import evaluate
 import flags
-import flat
+import methods
 import mia
 import models
 import stages
+import tables
 import train
-import utility
+import zeroshot
+from errors import Choices, UsageError
 from flags import AT_LEAST_1, FRACTION, NON_NEGATIVE, LEARNING_RATE, arg, one_of
+
+
+BOOK = flags.Switch("--corpus book", lambda a: a.corpus == "book")
+MUSE = flags.Switch("--corpus muse-news", lambda a: a.corpus == "muse-news")
 
 
 @dataclass
@@ -53,15 +57,18 @@ class Args(flags.RunArgs):
     corpus: str = arg("book", "'book' (--text files) or 'muse-news'", check=one_of("book", "muse-news"))
     text: list[str] = field(default_factory=list, metadata={"help": "plain-text book file(s) to forget "
                                                                     "(default: the vendored Frankenstein)",
-                                                            "only": (), "check": None})  # keys hold its contents
+                                                            "only": (), "check": None, "needs": BOOK})  # keys hold
+    # its contents
     chunk_tokens: Optional[int] = arg(None, "tokens per chunk", check=flags.Check(lambda v: v >= 2, ">= 2"))
-    n_chunks: Optional[int] = arg(None, "book: forget chunks (FLAT: 400)", check=AT_LEAST_1)
+    n_chunks: Optional[int] = arg(None, "book: forget chunks (FLAT: 400)", check=AT_LEAST_1, needs=BOOK)
     held_out_fraction: float = arg(0.2, "book: the end of the text held out for the unseen evaluation",
-                                   only=(), check=FRACTION)  # every stage's key holds the chunks it reads
+                                   only=(), check=FRACTION, needs=BOOK)  # every stage's key holds the chunks it reads
     muse_probes: Optional[int] = arg(None, "muse-news: VerbMem probes scored, trained on with the articles they "
-                                           "come from (0: all, and the whole forget corpus)", check=NON_NEGATIVE)
+                                           "come from (0: all, and the whole forget corpus)", check=NON_NEGATIVE,
+                                     needs=MUSE)
     privleak_texts: Optional[int] = arg(None, "muse-news: PrivLeak forget texts (and as many holdout texts) "
-                                              "scored, trained on with their articles (0: all)", check=NON_NEGATIVE)
+                                              "scored, trained on with their articles (0: all)", check=NON_NEGATIVE,
+                                        needs=MUSE)
     prompt_tokens: Optional[int] = arg(None, "tokens of a chunk given as the prompt", check=AT_LEAST_1)
     eval_chunks: Optional[int] = arg(None, "book: forget and held-out chunks evaluated; muse-news: retain "
                                            "KnowMem questions", only=("eval",), check=AT_LEAST_1)
@@ -81,7 +88,7 @@ class Args(flags.RunArgs):
     finetune_epochs: Optional[int] = arg(None, "epochs of that fine-tuning", only=("finetune",), check=AT_LEAST_1)
     warmup_epochs: float = arg(0.0, "linear warmup in epochs, then linear decay to 0", check=NON_NEGATIVE)
     eval_batch_size: int = arg(16, "prompts per generation batch", only=("eval",), check=AT_LEAST_1)
-    zero_shot: str = arg("all", "zero-shot utility through lm-evaluation-harness, as FLAT reports it (utility.py): task "
+    zero_shot: str = arg("all", "zero-shot utility through lm-evaluation-harness, as FLAT reports it (zeroshot.py): task "
                                 "names, a comma-separated list, 'all' (those with local files) or 'none'",
                          only=("zeroshot",))
 
@@ -116,10 +123,9 @@ ATTACKS = ("relearn", "quant8", "quant4")  # a continuation has no question to p
 
 def check(args: Args) -> None:
     attacks.parse(args.attacks, ATTACKS)
-    if args.corpus == "muse-news" and args.text:
-        raise flags.UsageError("--text and --corpus muse-news exclude each other")
+    zeroshot.resolve(args.zero_shot, args.zero_shot_data)  # the task files, read and checked
     if args.prompt_tokens >= args.chunk_tokens:
-        raise flags.UsageError(f"--prompt-tokens {args.prompt_tokens} must be below --chunk-tokens {args.chunk_tokens}")
+        raise UsageError(f"--prompt-tokens {args.prompt_tokens} must be below --chunk-tokens {args.chunk_tokens}")
 
 
 def main(argv=None) -> dict:
@@ -142,14 +148,14 @@ def main(argv=None) -> dict:
     # -- 1. the original model: the base model fine-tuned on the forget text; the reference is the base model
     original = run.stage("finetune", "original", text=data.digest(d["finetune"]))
     if run.missing(original):
-        train.fit(run, original, args.model, train.FINETUNE, None, lr=args.finetune_lr, epochs=(
+        run.fit(original, args.model, methods.FINETUNE, None, lr=args.finetune_lr, epochs=(
             corpora.text_epoch(d["finetune"], run.rows_per_step, rng)
             for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
 
     # -- 2. unlearning from the original model: each forget chunk's prompt, its continuation and a template
     ev = Evaluation(run, sets, wiki_eval, book_eval, d["muse"])
     unlearned = {}
-    for label, method, params in flags.methods(args):
+    for label, method, params in flags.variants(args):
         templates = {"refusal": refusals if args.template == "refusal" else wiki_passages,
                      "random": wiki_passages, None: None}[method.template]  # llmu: a random WikiText passage
         retain = retain_pool if method.needs_retain(params) else None
@@ -157,7 +163,7 @@ def main(argv=None) -> dict:
             "unlearn", label, original=original, method=method.name, params=method.read_params(params),
             rows=data.digest(forget, retain, templates), eval_key=ev.key if args.eval_every else None)
         if run.missing(path):
-            train.fit(run, path, original, method, params, lr=args.lr, progress=ev.progress if args.eval_every
+            run.fit(path, original, method, params, lr=args.lr, progress=ev.progress if args.eval_every
                       else None, epochs=(corpora.chunk_unlearning_epoch(forget, args.prompt_tokens, templates, retain,
                                                                        run.rows_per_step, rng)
                                         for rng in data.epoch_rngs(args.epochs, args.seed)))
@@ -167,7 +173,7 @@ def main(argv=None) -> dict:
     # -- 3. evaluation; FLAT's forget quality gap and MUSE's PrivLeak against the reference model --------
     models_to_eval = {"reference": args.model, "original": original, **unlearned}
     results = {name: ev(name, path) for name, path in models_to_eval.items()}
-    utility.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
+    zeroshot.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
     ref = results["reference"]["summary"]
     for r in results.values():
         r["summary"] = {**r["summary"], "forget_quality_gap": evaluate.forget_quality_gap(r["summary"], ref),
@@ -229,13 +235,13 @@ def muse_news_data(args: Args, tok) -> dict:
             "muse": muse, "name": "muse-news"}
 
 
-CORPORA = flat.Choices("corpus", {"book": book_data, "muse-news": muse_news_data})
+CORPORA = Choices("corpus", {"book": book_data, "muse-news": muse_news_data})
 
 
 def check_context(args: Args, longest: int, why: str = "") -> None:
     context = models.context_length(args.model, args.trust_remote_code)
     if context is not None and longest > context:
-        raise flags.UsageError(f"{args.model} reads at most {context} tokens; this run needs {longest} "
+        raise UsageError(f"{args.model} reads at most {context} tokens; this run needs {longest} "
                                f"(--chunk-tokens {args.chunk_tokens}{why})")
 
 
@@ -254,7 +260,8 @@ class Evaluation:
         cache = run.stage("eval", name, sets=data.digest(self.sets, self.wiki_eval, self.book_eval, self.muse),
                           model=path)
         if run.missing(cache):
-            model, tok = models.load_model(str(path), c.device, c.eval_dtype, False, args.trust_remote_code)
+            model, tok = models.load_model(str(path), c.device, c.eval_dtype,
+                                           trust_remote_code=args.trust_remote_code)
             r = evaluate_continuations(model, tok, self.sets, args)
             if self.muse:
                 r = merge(r, evaluate_muse(model, tok, self.muse, args))
@@ -348,7 +355,7 @@ TABLE = [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rouge
          ("FQ gap", "forget_quality_gap", ".1f"), ("VerbMem", "verbmem_forget", ".3f"),
          ("KnowMem forget", "knowmem_forget", ".3f"), ("KnowMem retain", "knowmem_retain", ".3f"),
          ("PrivLeak", "privleak", ".1f"), ("WikiText ppl", "wikitext_ppl", ".2f"),
-         ("held-out book ppl", "held_out_book_ppl", ".2f"), utility.COLUMN]
+         ("held-out book ppl", "held_out_book_ppl", ".2f"), zeroshot.COLUMN]
 
 
 def print_table(report: dict, args: Args) -> None:
@@ -356,11 +363,11 @@ def print_table(report: dict, args: Args) -> None:
     muse = (f" | VerbMem on {ref['verbmem_items']} probes, KnowMem forget on {ref['knowmem_forget_items']} questions, "
             f"PrivLeak on {ref['privleak_items']} + {ref['privleak_items']} texts, all from "
             f"{report['muse_articles']} articles trained on") if "muse_articles" in report else ""
-    stages.print_table(f"Copyright unlearning | {args.corpus} | {args.model} | template: {args.template} | BLEU and "
+    tables.print_table(f"Copyright unlearning | {args.corpus} | {args.model} | template: {args.template} | BLEU and "
                        f"FQ gap (|dBLEU| + 100 |dROUGE-L|) on 0-100, ROUGE-L recall and VerbMem/KnowMem ROUGE-L F1 "
                        f"on 0-1{muse}", report, ("reference", "original"), TABLE)
-    utility.print_table(report, ("reference", "original"))
-    stages.print_attack_tables(report, [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rougeL", ".3f"),
+    zeroshot.print_table(report, ("reference", "original"))
+    tables.print_attack_tables(report, [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rougeL", ".3f"),
                                         ("FQ gap", "forget_quality_gap", ".1f")],
                                "FQ gap against the reference model attacked the same way")
 

@@ -1,6 +1,6 @@
 """TOFU end to end (Maini et al. 2024): fine-tune a target model on the fictitious authors and a
 retain model on all but the forget authors, unlearn the forget authors from the target with one or
-several losses of flat.LOSSES, and evaluate every model with TOFU's metrics, open-unlearning's
+several losses of methods.LOSSES, and evaluate every model with TOFU's metrics, open-unlearning's
 membership-inference AUCs, PrivLeak, exact memorisation and extraction strength.
 
     python run_tofu.py                                         # offline default (PRESETS["smollm2-135m"])
@@ -15,12 +15,10 @@ changed. See docs/tofu.md.
 """
 from __future__ import annotations
 
-import signal
-import sys
+import errors
 
-if __name__ == "__main__":  # a Ctrl-C while torch loads, before stages.main_guard: one line, exit 130
-    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted: nothing was started", file=sys.stderr),
-                                             sys.exit(130)))
+if __name__ == "__main__":  # a Ctrl-C while the libraries import: one line and exit 130 once they have (main_guard)
+    errors.defer_interrupts()
 
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -29,11 +27,14 @@ import attacks
 import data
 import evaluate
 import flags
+import methods
 import mia
 import models
 import stages
+import tables
 import train
-import utility
+import zeroshot
+from errors import UsageError
 from flags import AT_LEAST_1, NON_NEGATIVE, LEARNING_RATE, arg
 
 
@@ -91,11 +92,12 @@ def resolve(args: Args) -> Args:
 
 def check(args: Args) -> None:
     attacks.parse(args.attacks)
+    zeroshot.resolve(args.zero_shot, args.zero_shot_data)  # the task files, read and checked
     if args.attacks not in ("", "none") and args.retain_logs:
-        raise flags.UsageError("--attacks compares each attacked model with the attacked retain model: it needs "
+        raise UsageError("--attacks compares each attacked model with the attacked retain model: it needs "
                                "a retain model, not --retain-logs")
     if args.retain_logs and args.retain_model:
-        raise flags.UsageError("--retain-logs and --retain-model both name the retain model's evaluation; pass one")
+        raise UsageError("--retain-logs and --retain-model both name the retain model's evaluation; pass one")
     for name in filter(None, [args.target_model, args.retain_model]):
         models.check_name(name, args.trust_remote_code)
     data.SPLITS.check(args.split)
@@ -125,7 +127,7 @@ def main(argv=None) -> dict:
                                                                             rows=data.digest(retain)))
     for path, rows in [(target, retain + forget), (retain_model, retain)]:
         if run.missing(path):
-            train.fit(run, path, args.model, train.FINETUNE, None, lr=args.finetune_lr, epochs=(
+            run.fit(path, args.model, methods.FINETUNE, None, lr=args.finetune_lr, epochs=(
                 data.finetune_epoch(tok, style, rows, run.rows_per_step, rng)
                 for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
 
@@ -133,7 +135,7 @@ def main(argv=None) -> dict:
     progress = tofu_progress(run, eval_sets, retain_model, retain_logs) if args.eval_every else None
     watched = run.key("eval", sets=data.digest(eval_sets)) if args.eval_every else None  # joins unlearning keys
     unlearned = {}
-    for label, method, params in flags.methods(args):
+    for label, method, params in flags.variants(args):
         # the second answer to each forget question: TOFU's "I don't know" lines, or (llmu, Yao et al.'s
         # L_rdn) the answer of a random retain question
         templates = {"refusal": idk, "random": [r["answer"] for r in retain], None: None}[method.template]
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
             "unlearn", label, target=target, method=method.name, params=method.read_params(params),
             rows=data.digest(forget, retain_rows, templates), eval_key=watched)
         if run.missing(path):
-            train.fit(run, path, target, method, params, lr=args.lr, progress=progress, epochs=(
+            run.fit(path, target, method, params, lr=args.lr, progress=progress, epochs=(
                 data.unlearning_epoch(tok, style, forget, templates, retain_rows, run.rows_per_step, rng)
                 for rng in data.epoch_rngs(args.epochs, args.seed)))
     if not run.is_main:
@@ -151,7 +153,7 @@ def main(argv=None) -> dict:
     # -- 4. evaluation: TOFU's metrics; forget quality and PrivLeak against the retain model -------------
     models_to_eval = {"target": target, "retain": retain_model, **unlearned}
     results = {name: evaluation(run, name, path, eval_sets) for name, path in models_to_eval.items() if path}
-    utility.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
+    zeroshot.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
     retain_tr, retain_auc = (retain_logs["truth_ratio"], retain_logs["mia_min_k"]) if retain_logs else \
         (results["retain"]["items"]["forget"]["truth_ratio"], results["retain"]["summary"]["mia_min_k"])
     for r in results.values():
@@ -189,7 +191,8 @@ def evaluation(run: stages.Run, name: str, path, eval_sets: dict) -> dict:
     cache = run.stage("eval", name, sets=data.digest(eval_sets), model=path)
     if run.missing(cache):
         args, compute = run.args, run.compute
-        model, tok = models.load_model(str(path), compute.device, compute.eval_dtype, False, args.trust_remote_code)
+        model, tok = models.load_model(str(path), compute.device, compute.eval_dtype,
+                                       trust_remote_code=args.trust_remote_code)
         summary, items = evaluate.evaluate_tofu(model, tok, models.prompt_style(args.model, tok), eval_sets,
                                                 args.max_new_tokens, args.eval_batch_size)
         run.write(cache, {"summary": summary, "items": items})
@@ -263,7 +266,7 @@ TABLE = [("FQ", "forget_quality", ".2e"), ("MU", "model_utility", ".3f"), ("forg
          ("retain P", "retain_Q_A_Prob", ".3f"), ("retain R", "retain_Q_A_ROUGE", ".3f"),
          ("RA P", "ra_Q_A_Prob_normalised", ".3f"), ("WF P", "wf_Q_A_Prob_normalised", ".3f"),
          ("MIA min-k", "mia_min_k", ".3f"), ("PrivLeak", "privleak", ".1f"), ("ES", "extraction_strength", ".3f"),
-         utility.COLUMN]
+         zeroshot.COLUMN]
 
 
 ATTACK_TABLE = [("FQ", "forget_quality", ".2e"), ("forget P", "forget_Q_A_Prob", ".3f"),
@@ -272,10 +275,10 @@ ATTACK_TABLE = [("FQ", "forget_quality", ".2e"), ("forget P", "forget_Q_A_Prob",
 
 def print_table(report: dict, args: Args) -> None:
     items = f" | forget quality on {report['target']['forget_quality_items']} items" if args.retain_logs else ""
-    stages.print_table(f"TOFU {args.split} | {args.model} | divergence {args.divergence} unless named (flat:NAME)"
+    tables.print_table(f"TOFU {args.split} | {args.model} | divergence {args.divergence} unless named (flat:NAME)"
                        f"{items}", report, ("target", "retain"), TABLE)
-    utility.print_table(report, ("target", "retain"))
-    stages.print_attack_tables(report, ATTACK_TABLE, "FQ against the retain model attacked the same way")
+    zeroshot.print_table(report, ("target", "retain"))
+    tables.print_attack_tables(report, ATTACK_TABLE, "FQ against the retain model attacked the same way")
 
 
 if __name__ == "__main__":

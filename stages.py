@@ -25,18 +25,20 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
-import data
 import distributed
-import flat
+import errors
 import flags
+import methods
 import models
 import plots
-from flags import UsageError
+import train
+from bench import memplan
+from errors import DataError, ModelLoadError, UnknownName, UsageError
 
 
 def setup_run(args, default_out: str) -> tuple[Path, models.Compute]:
@@ -124,6 +126,22 @@ class Run:
         kind, name = self._stages[path]
         self.times[f"{kind}_{name}_s"] = round(time.time() - self._started.pop(path), 1)
 
+    def fit(self, path: Path, start, method: methods.Method, params: methods.LossParams | None,
+            epochs: Iterable[list[dict]], lr: float, progress: Callable | None = None,
+            max_steps: int | None = None, args=None) -> None:
+        """One training stage: the optimiser steps of `epochs` planned (train.plan_steps), checked to fit
+        the GPU before any weights load (CUDA), a copy of the model `start` (and the method's frozen
+        reference) built by training_model, trained by train.train with `method`, saved to `path`.
+        max_steps: default --max-steps; args: the flags the loop reads (default the run's)."""
+        args = args or self.args
+        plan = train.plan_steps(epochs, args.batch_size, max_steps or args.max_steps, self.world, distributed.rank())
+        memplan.check_fits(start, method.name, plan, self.compute, args, self.world)
+        model, tok, ref = training_model(start, self.compute, args.trust_remote_code, reference=bool(method.reference),
+                                         lora=flags.lora(args))
+        log, evals = train.train(model, tok, plan, method, params, lr, args, self.compute, self.stage_name(path), ref,
+                                 progress)
+        self.save(path, model, tok, log, evals)
+
     def save(self, path: Path, model, tok, log: list[dict], evals: list[dict]) -> None:
         """A trained model with its training log, in-training evaluations and flags, atomically."""
         kind, name = self._stages[path]
@@ -162,6 +180,28 @@ class Run:
         write_json(self.out / "eval_items.json", {**items, **alias(items)})
         plots.draw_all(report, self.out)
         return report
+
+
+def training_model(name, compute: models.Compute, trust_remote_code: bool = False, reference: bool = False,
+                   lora: models.Lora | None = None):
+    """(model, tokenizer, frozen reference or None) to train, in the run's precision, with gradient
+    checkpointing as the run decided (models.resolve_compute). Without LoRA the reference is a frozen
+    copy in the compute dtype; with it (--lora), the model itself with its adapters off. Under
+    torchrun the models are sharded (distributed.shard) after the copy is made."""
+    sharded = distributed.world() > 1
+    model, tok = models.load_model(str(name), "cpu" if sharded else compute.device, compute.train_dtype,
+                                   trust_remote_code=trust_remote_code)
+    models.checkpointing(model, on=compute.gradient_checkpointing)
+    if lora:
+        model = models.with_lora(model, lora)
+    ref = None
+    if reference:
+        ref = models.AdaptersOff(model) if lora else models.frozen_copy(model, compute.eval_dtype)
+    if sharded:
+        for m in (model, ref) if ref is not None and not lora else (model,):
+            distributed.shard(m, frozen=m is ref)
+            m.to(compute.device)
+    return model, tok, ref
 
 
 _LOCKS = []  # open lock files: the lock lasts as long as the process
@@ -211,17 +251,22 @@ def safe_name(name: str) -> str:
 def main_guard(main) -> None:
     """Run a runner's main: known failures become one `error:` line and exit 2; Ctrl-C or SIGTERM
     exits 130 with every finished stage left usable (each is written atomically)."""
-    previous = signal.signal(signal.SIGTERM, _interrupt), signal.signal(signal.SIGINT, _interrupt)
-    _INTERRUPTED.clear()
+    handler = lambda signum, frame: errors.interrupted(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, handler), signal.signal(signal.SIGINT, handler)
+    deferred = errors.interrupted_so_far()  # a Ctrl-C while the libraries imported (errors.defer_interrupts)
+    errors.clear_interrupt()
     try:
+        if deferred:
+            print("\ninterrupted: nothing was started", file=sys.stderr)
+            raise SystemExit(130)
         main()
-        stop_if_interrupted()  # a Ctrl-C that a library swallowed (in a __del__) still ends the run
+        errors.stop_if_interrupted()  # a Ctrl-C that a library swallowed (in a __del__) still ends the run
     except KeyboardInterrupt:
         if distributed.is_main():  # under torchrun, one line for the run, not one per rank
             print("\ninterrupted: every finished stage is saved; the same command resumes from there",
                   file=sys.stderr)
         raise SystemExit(130)
-    except (FloatingPointError, models.ModelLoadError, data.DataError, UsageError, flat.UnknownName) as e:
+    except (FloatingPointError, ModelLoadError, DataError, UsageError, UnknownName) as e:
         fail(str(e))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
@@ -231,23 +276,8 @@ def main_guard(main) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
-        _INTERRUPTED.clear()  # handled: nothing after this run may stop for it
+        errors.clear_interrupt()  # handled: nothing after this run may stop for it
         distributed.close()
-
-
-_INTERRUPTED: list[int] = []  # the signals received: Python drops a KeyboardInterrupt raised inside a __del__
-
-
-def _interrupt(signum, frame):
-    _INTERRUPTED.append(signum)
-    raise KeyboardInterrupt
-
-
-def stop_if_interrupted() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C or SIGTERM arrived and was swallowed on its way (the training
-    and evaluation loops call this once per batch)."""
-    if _INTERRUPTED:
-        raise KeyboardInterrupt
 
 
 def fail(msg: str) -> None:
@@ -263,9 +293,9 @@ def fail(msg: str) -> None:
 def stage_key(args, stage: str, compute: models.Compute, **extra) -> dict:
     """Everything a stage's output depends on: every resolved flag except those declared for other
     stages only (arg(..., only=...)) and the loss hyperparameters (an unlearning stage holds those
-    its method reads, flat.Method.read_params, passed in `extra`); the device type and resolved
+    its method reads, methods.Method.read_params, passed in `extra`); the device type and resolved
     precision; and `extra` (data digests, upstream stage names)."""
-    loss_fields = {f.name for f in dataclasses.fields(flat.LossParams)}
+    loss_fields = {f.name for f in dataclasses.fields(methods.LossParams)}
     key = {}
     for f in dataclasses.fields(args):
         only, keyed = f.metadata.get("only"), f.metadata.get("keyed")
@@ -457,42 +487,6 @@ def finite_report(report, path: str = "") -> tuple[object, list[str]]:
     return clean(report, path), warnings
 
 
-def print_table(header: str, report: dict, refs: tuple[str, ...], columns: list[tuple[str, str, str]]) -> None:
-    """The run's table (markdown): the reference rows of `refs` the report has, then one row per
-    method; columns are (heading, results.json key, format), a column no row has left out. Then a line
-    per non-finite metric."""
-    rows = [(n, report[n]) for n in refs if n in report] + list(report["methods"].items())
-    columns = [c for c in columns if any(c[1] in row for _, row in rows)]
-    print(f"\n{header}")
-    print("| model | " + " | ".join(h for h, _, _ in columns) + " |")
-    print("|---|" + "---|" * len(columns))
-    for name, row in rows:
-        print(f"| {name} | " + " | ".join(cell(row, k, f) for _, k, f in columns) + " |")
-    for w in report["warnings"]:
-        print(f"warning: not finite, written as null: {w}")
-
-
-def print_attack_tables(report: dict, columns: list[tuple[str, str, str]], note: str = "") -> None:
-    """One table per attack (report["attacks"], --attacks): each attacked model's forget metrics before
-    (its row of the main table) and after the attack."""
-    attacked = report.get("attacks") or {}
-    rows_before = {**{n: r for n, r in report.items() if isinstance(r, dict) and n in attacked}, **report["methods"]}
-    for evaluation in dict.fromkeys(e for per in attacked.values() for e in per):
-        table = {"methods": {name: {**{f"before:{k}": rows_before.get(name, {}).get(k) for _, k, _ in columns},
-                                    **per[evaluation]} for name, per in attacked.items() if evaluation in per},
-                 "warnings": []}
-        cols = [c for h, k, f in columns for c in ((f"{h} before", f"before:{k}", f), (f"{h} after", k, f))]
-        print_table(f"Attack: {evaluation}" + (f" | {note}" if note else ""), table, (), cols)
-
-
-def cell(row: dict, key: str, spec: str) -> str:
-    """A table cell: "-" for a metric the row does not have, "NaN (!)" for one that came out non-finite
-    (written as null, see finite_report)."""
-    if key not in row:
-        return "-"
-    return "NaN (!)" if row[key] is None else format(row[key], spec)
-
-
 def say(msg: str) -> None:
     """Print on rank 0 only (every rank runs the same code under torchrun)."""
     if distributed.is_main():
@@ -514,11 +508,3 @@ def training_logs(stage: Path) -> dict:
 def read_json(path: Path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-@contextmanager
-def timed(times: dict, name: str):
-    """Record the wall time of a block in times[name], in seconds."""
-    t = time.time()
-    yield
-    times[name] = round(time.time() - t, 1)

@@ -1,17 +1,19 @@
-"""The training loop every stage runs, and what it is built from.
+"""The method: the plan of optimiser steps, the one training loop, the optimiser and its schedule,
+and the forward pass from a micro-batch to a method's per-sample loss.
 
-    epochs of batches --plan_steps--> list of optimiser steps, each a list of this rank's micro-batches
-    fit(run, path, start, method, ...)   load a copy of `start`, plan, train, save: one training stage
-    train(model, tok, plan, method, ...) one loop over the plan: batch_loss, weighted backward, clip, step
+    epochs of steps --plan_steps--> list of optimiser steps, each a list of this rank's micro-batches
+    train(model, tok, plan, method, ...)  one loop over the plan: batch_loss, weighted backward, clip, step
+    batch_loss(model, micro, method, ...) one forward pass over every stream -> the method's loss (B,)
 
-A data builder (data.unlearning_epoch, data.finetune_epoch, ...) cuts an epoch into batches of the
-rows one optimiser step trains on (batch_size x grad_accum x processes); plan_steps cuts each of
-them into micro-batches and gives every row the weight 1 / (rows in its step). So the steps taken
-are the list's length, the learning-rate schedule is planned from that same length, a step never
-mixes two epochs, and a short last step is the mean over the rows it has.
+Two words, two sizes. A *step* is the rows one optimiser step trains on (--batch-size x --grad-accum
+x processes): a data builder (data.unlearning_epoch, data.finetune_epoch, ...) cuts an epoch into
+steps. A *micro-batch* is the rows of one forward pass (--batch-size): plan_steps cuts each step into
+micro-batches and gives every row the weight 1 / (rows in its step). So the steps taken are the
+list's length, the learning-rate schedule is planned from that same length, a step never mixes two
+epochs, and a short last step is the mean over the rows it has.
 
-Also here: the forward pass from a batch of streams to a method's per-sample loss (batch_loss),
-fine-tuning as a method (FINETUNE), and the model a stage trains (sharded under torchrun).
+What is around a training stage (loading the model with its checkpointing, LoRA, sharding and
+reference, the memory check, the save) is the run's: stages.Run.fit.
 """
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ from tqdm.auto import tqdm
 
 import data
 import distributed
-import flags
+import errors
 import flat
+import methods
 import models
-import stages
 
 # ---------------------------------------------------------------------------------------------
-# The plan: epochs of step batches -> optimiser steps of this rank's micro-batches
+# The plan: epochs of steps -> optimiser steps of this rank's micro-batches
 # ---------------------------------------------------------------------------------------------
 
 class Micro(NamedTuple):
@@ -45,41 +47,41 @@ class Plan(NamedTuple):
     steps_per_epoch: int       # optimiser steps of one whole epoch (for warmup in epochs)
 
 
-def plan_steps(epochs: Iterable[list[dict]], batch_size: int, max_steps: int | None = None,
+def plan_steps(epochs: Iterable[list[dict]], micro_batch_size: int, max_steps: int | None = None,
                world: int = 1, rank: int = 0) -> Plan:
-    """Optimiser steps from epochs of step batches (each a dict stream -> rows, the rows of one step),
-    cut after max_steps steps (later epochs are then never built).
+    """Optimiser steps from epochs of steps (each a dict stream -> rows, the rows of one step), cut
+    after max_steps steps (later epochs are then never built).
 
-    A step's rows are cut into k * world near-equal micro-batches, k = ceil(rows / (batch_size *
+    A step's rows are cut into k * world near-equal micro-batches, k = ceil(rows / (micro_batch_size *
     world)); rank r takes the r-th k of them. Every rank thus runs the same number of micro-batches
     (FSDP needs each forward on every rank); a rank whose share is empty (a step with fewer rows than
     processes) runs a placeholder with weight 0.
     """
     steps, epoch_of, per_epoch = [], [], None
-    for e, batches in enumerate(epochs):
+    for e, epoch in enumerate(epochs):
         if per_epoch is None:
-            per_epoch = len(batches)
-        for step_batch in batches:
+            per_epoch = len(epoch)
+        for step in epoch:
             if max_steps is not None and len(steps) >= max_steps:
                 break
-            steps.append(_micro_batches(step_batch, batch_size, world, rank))
+            steps.append(_micro_batches(step, micro_batch_size, world, rank))
             epoch_of.append(e)
         if max_steps is not None and len(steps) >= max_steps:
             break
     return Plan(steps, epoch_of, per_epoch or 0)
 
 
-def _micro_batches(step_batch: dict, batch_size: int, world: int, rank: int) -> list[Micro]:
-    n = len(next(iter(step_batch.values())))
-    k = math.ceil(n / (batch_size * world))
+def _micro_batches(step: dict, micro_batch_size: int, world: int, rank: int) -> list[Micro]:
+    n = len(next(iter(step.values())))
+    k = math.ceil(n / (micro_batch_size * world))
     bounds = np.linspace(0, n, k * world + 1).round().astype(int)  # near-equal cuts of n rows
     micros = []
     for j in range(rank * k, (rank + 1) * k):
         lo, hi = bounds[j], bounds[j + 1]
         if hi > lo:
-            micros.append(Micro({s: rows[lo:hi] for s, rows in step_batch.items()}, 1.0 / n))
+            micros.append(Micro({s: rows[lo:hi] for s, rows in step.items()}, 1.0 / n))
         else:
-            micros.append(Micro({s: rows[:1] for s, rows in step_batch.items()}, 0.0))
+            micros.append(Micro({s: rows[:1] for s, rows in step.items()}, 0.0))
     return micros
 
 
@@ -105,22 +107,7 @@ def optimizer_and_schedule(model, lr: float, weight_decay: float, warmup_steps: 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def fit(run, path, start, method: flat.Method, params: flat.LossParams | None, epochs: Iterable[list[dict]],
-        lr: float, progress: Callable | None = None, max_steps: int | None = None, args=None) -> None:
-    """One training stage: a copy of the model `start` (and, when the method has one, its frozen
-    reference) trained with `method` over the optimiser steps of `epochs`, saved to `path` by `run`
-    (stages.Run). max_steps: default --max-steps; args: the flags the loop reads (default the run's)."""
-    import memplan  # (it imports this module)
-    args = args or run.args
-    plan = plan_steps(epochs, args.batch_size, max_steps or args.max_steps, run.world, distributed.rank())
-    memplan.check_fits(start, method.name, plan, run.compute, args, run.world)  # CUDA: stop before loading if too big
-    model, tok, ref = training_model(start, run.compute, args.trust_remote_code, reference=bool(method.reference),
-                                     lora=flags.lora(args))
-    log, evals = train(model, tok, plan, method, params, lr, args, run.compute, run.stage_name(path), ref, progress)
-    run.save(path, model, tok, log, evals)
-
-
-def train(model, tok, plan: Plan, method: flat.Method, params: flat.LossParams | None, lr: float, args,
+def train(model, tok, plan: Plan, method: methods.Method, params: methods.LossParams | None, lr: float, args,
           compute: models.Compute, stage: str, ref=None, progress: Callable | None = None
           ) -> tuple[list[dict], list[dict]]:
     """Run every optimiser step of the plan with `method`'s loss; return (training log, in-training
@@ -149,7 +136,7 @@ def train(model, tok, plan: Plan, method: flat.Method, params: flat.LossParams |
             sums = (values * m.weight).sum(1) if sums is None else sums + (values * m.weight).sum(1)
         sums = distributed.all_reduce_sum(sums).tolist()      # one sync per step; a no-op in one process
         check_finite(sums[0], step, stage)
-        stages.stop_if_interrupted()
+        errors.stop_if_interrupted()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         opt.step()
         sched.step()
@@ -195,12 +182,12 @@ def log_line(stage: str, step: int, total: int, lr: float, sec_per_step: float, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward pass: one batch of streams -> statistics -> loss
+# Forward pass: one micro-batch of streams -> statistics -> loss
 # ---------------------------------------------------------------------------------------------
 
-def batch_loss(model, batch: dict[str, list[dict]], method: flat.Method, params: flat.LossParams | None,
+def batch_loss(model, batch: dict[str, list[dict]], method: methods.Method, params: methods.LossParams | None,
                pad_id: int, ref_model=None) -> tuple[torch.Tensor, dict]:
-    """The method's per-sample loss (B,) for one batch of streams, and detached per-sample diagnostics.
+    """The method's per-sample loss (B,) for one micro-batch of streams, and detached per-sample diagnostics.
 
     All streams (forget, template, retain rows; "answer" rows when fine-tuning) go through one forward
     pass, padded together to the batch's longest row; each stream's statistics come from
@@ -254,30 +241,6 @@ def reference_stats(ref_model, b: dict, rows: dict[str, slice], streams: tuple, 
         else:
             out["ref_" + s] = flat.sequence_stats(ref_logits[r], ref_labels[r])
     return out
-
-
-# Fine-tuning as a method: the mean answer-token NLL of the "answer" rows (data.finetune_epoch).
-FINETUNE = flat.Method(lambda s, p: -s["answer"].logp_mean, name="finetune")
-
-
-def training_model(name, compute: models.Compute, trust_remote_code: bool = False, reference: bool = False,
-                   lora: models.Lora | None = None):
-    """(model, tokenizer, frozen reference or None) to train, in the run's precision. Without LoRA the
-    reference is a frozen copy in the compute dtype; with it (--lora), the model itself with its
-    adapters off. Under torchrun the models are sharded (distributed.shard) after the copy is made."""
-    sharded = distributed.world() > 1
-    model, tok = models.load_model(str(name), "cpu" if sharded else compute.device, compute.train_dtype,
-                                   compute.gradient_checkpointing, trust_remote_code)
-    if lora:
-        model = models.with_lora(model, lora)
-    ref = None
-    if reference:
-        ref = models.AdaptersOff(model) if lora else models.frozen_copy(model, compute.eval_dtype)
-    if sharded:
-        for m in (model, ref) if ref is not None and not lora else (model,):
-            distributed.shard(m, frozen=m is ref)
-            m.to(compute.device)
-    return model, tok, ref
 
 
 def once_at_step_0(evaluate: Callable) -> Callable:

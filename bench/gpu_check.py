@@ -10,7 +10,7 @@ and its own torch and transformers. It downloads nothing and writes one markdown
 2. run_tofu.py end to end on CUDA, every method, on a random-weight model of SmolLM2-135M's size
    (its configuration and tokenizer are vendored: vendored/smollm2_tokenizer), a few steps each;
    then flat and npo with --lora 8.
-3. bench.py's training step for the OPT-2.7B architecture (random weights): speed and MFU, bf16 and
+3. bench/speed.py's training step for the OPT-2.7B architecture (random weights): speed and MFU, bf16 and
    mixed precision, gradient checkpointing off and on.
 4. Peak memory of one training step, measured (torch.cuda.max_memory_allocated) beside the memory
    planner's (fake tensors, on the CPU, in parallel), for OPT-2.7B and Llama-2-7B: mixed, bf16 and
@@ -46,9 +46,11 @@ LIMITS = {"tofu": 170, "bench": 110, "memory": 170}  # seconds per part: 7.5 min
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models, one step: checks the wiring")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "GPU_CHECK.md"))
+    ap.add_argument("--out", default=None, help="default: bench/GPU_CHECK.md, the GPU's record; with --dry-run "
+                                                "bench/GPU_CHECK.dry-run.md, so that a dry run never overwrites it")
     args = ap.parse_args(argv)
-    out, start = Path(args.out), time.time()
+    default = "GPU_CHECK.dry-run.md" if args.dry_run else "GPU_CHECK.md"
+    out, start = Path(args.out or ROOT / "bench" / default), time.time()
     report = [f"# GPU check{' (dry run: CPU, tiny models)' if args.dry_run else ''}\n",
               f"`python bench/gpu_check.py{' --dry-run' if args.dry_run else ''}` on {date.today()}.\n"]
     report += environment(args.dry_run)
@@ -56,7 +58,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         tmp = Path(tmp)
         planner = start_planner(memory_rows(args.dry_run), args.dry_run, tmp)  # CPU work beside the GPU parts
-        for title, part in (("End to end: run_tofu.py", tofu_part), ("Training step: bench.py", bench_part),
+        for title, part in (("End to end: run_tofu.py", tofu_part), ("Training step: bench/speed.py", bench_part),
                             ("Peak memory: measured and planned", lambda d, t: memory_part(d, t, planner))):
             t = time.time()
             try:
@@ -155,7 +157,7 @@ def tofu_part(dry_run: bool, tmp: Path) -> list[str]:
 
 
 def bench_part(dry_run: bool, tmp: Path) -> list[str]:
-    """bench.py's training step, OPT-2.7B, FLAT, bf16 and mixed, checkpointing off and on."""
+    """bench/speed.py's training step, OPT-2.7B, FLAT, bf16 and mixed, checkpointing off and on."""
     lines = []
     if dry_run:
         model = tiny_dir(tmp, "opt")
@@ -164,7 +166,7 @@ def bench_part(dry_run: bool, tmp: Path) -> list[str]:
         runs = [["--device", "cuda", "--models", "opt-2.7b", "--precision", p, "--gc", "both", "--steps", "5"]
                 for p in ("bf16", "mixed")]
     for i, extra in enumerate(runs):
-        cmd = [sys.executable, "bench.py", *extra, "--methods", "flat", "--no-eval", "--out", str(tmp / f"bench{i}.md")]
+        cmd = [sys.executable, "-m", "bench", *extra, "--methods", "flat", "--no-eval", "--out", str(tmp / f"bench{i}.md")]
         code, stdout, err, secs = run(cmd, LIMITS["bench"] / len(runs) if not dry_run else 600)
         table = [line for line in stdout.splitlines() if line.startswith("|")]
         rate = [line for line in stdout.splitlines() if line.startswith("Matrix-multiply rate")]
@@ -201,7 +203,7 @@ BATCH, LENGTH = 8, 512
 def start_planner(rows: list[dict], dry_run: bool, tmp: Path) -> subprocess.Popen:
     """The planner's rows in one background process on the CPU (memplan.worker_plan), started first."""
     cfg = dict(kind="plan", world=1, rows=rows, batch=2 if dry_run else BATCH, length=32 if dry_run else LENGTH)
-    return subprocess.Popen([sys.executable, str(ROOT / "memplan.py"), "--worker", json.dumps(cfg)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "bench.memplan", "--worker", json.dumps(cfg)], cwd=ROOT,
                             stdout=open(tmp / "plan.json", "w"), stderr=open(tmp / "plan.err", "w"))
 
 
@@ -216,7 +218,7 @@ def memory_part(dry_run: bool, tmp: Path, planner: subprocess.Popen) -> list[str
             measured.append("not run: out of time")
             continue
         cfg = dict(kind="measure", **row, device=device, batch=batch, length=length)
-        code, stdout, _, _ = run([sys.executable, str(ROOT / "memplan.py"), "--worker", json.dumps(cfg)], min(left, 90))
+        code, stdout, _, _ = run([sys.executable, "-m", "bench.memplan", "--worker", json.dumps(cfg)], min(left, 90))
         measured.append(json.loads(stdout.strip().splitlines()[-1])["measured"] if code == 0 else f"failed (exit {code})")
     try:
         planner.wait(timeout=max(1.0, deadline - time.time()))

@@ -16,7 +16,7 @@ TOFU_SMOKE = ["--max-steps", "2", "--retain-authors", "1", "--eval-items", "2", 
               "--batch-size", "2", "--log-every", "1", "--lr", "1e-3", "--finetune-lr", "1e-3", "--warmup-epochs", "0"]
 BOOK_SMOKE = ["--max-steps", "2", "--n-chunks", "4", "--chunk-tokens", "24", "--prompt-tokens", "8", "--eval-chunks", "2",
               "--ppl-chunks", "2", "--log-every", "1", "--lr", "1e-3", "--finetune-lr", "1e-3",
-              "--zero-shot", "none"]  # run_hp's default --zero-shot all: tests/test_utility.py runs it
+              "--zero-shot", "none"]  # run_hp's default --zero-shot all: tests/test_zeroshot.py runs it
 
 ZERO_SHOT_SMOKE = ["--zero-shot", "arc_easy", "--zero-shot-limit", "2"]  # one task, its first 2 items
 

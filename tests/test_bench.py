@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import bench
 import data
 import evaluate
-import flat
+import methods
 import models
 import train
+from bench import speed as bench
 
 
 def _batch(tok, method, params, seed=0):
@@ -21,10 +21,10 @@ def _batch(tok, method, params, seed=0):
     return data.unlearning_epoch(tok, "base", forget, templates, retain, 3, random.Random(seed))[0]
 
 
-@pytest.mark.parametrize("name", sorted(flat.LOSSES))
+@pytest.mark.parametrize("name", sorted(methods.LOSSES))
 def test_fast_training_step_matches_the_reference_pattern(tiny_model_dir, name):
     model, tok = models.load_model(tiny_model_dir, "cpu")
-    method, params = flat.LOSSES[name], flat.LossParams(npo_retain=True)
+    method, params = methods.LOSSES[name], methods.LossParams(npo_retain=True)
     ref = models.frozen_copy(model) if method.reference else None
     with torch.no_grad():  # the model must differ from its reference, or KL and NPO terms are trivial
         for p in model.parameters():

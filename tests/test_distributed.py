@@ -13,8 +13,8 @@ import pytest
 from conftest import BOOK_SMOKE, ROOT, TOFU_SMOKE
 from safetensors.torch import load_file
 
-import memplan
 import models
+from bench import memplan
 
 
 def torchrun(script: str, *argv):
@@ -87,8 +87,14 @@ def test_the_planner_estimates_a_cpu_step_within_15_percent_of_its_measured_peak
 
 def test_the_committed_memory_table_has_every_row():
     text = (ROOT / "bench" / "MEMORY.md").read_text()
-    rows = re.findall(r"^\| (\S+) \| (\w+) \| (\w+) \| (on|off) \| (\d) \| (\d+|-) \|", text, re.M)
+    main, *small = re.split(r"^## One 24 GB GPU: micro-batch of (\d+)", text.split("## Measured on a GPU")[0], flags=re.M)
+    row = r"^\| (\S+) \| (\w+) \| (\w+) \| (on|off) \| (\d) \| (\d+|-) \|"
+    rows = re.findall(row, main, re.M)
     want = {(r["model"], r["method"], r["precision"], "on" if r["gc"] else "off", str(r["world"]), str(r["lora"] or "-"))
             for r in memplan.plan_rows()}
     assert set(rows) == want and len(rows) == len(want) == 96 + 24
+    # the 24 GB GPU's LoRA rows at smaller micro-batches, one section per size
+    assert [int(b) for b in small[::2]] == list(memplan.SMALL_BATCHES)
+    for section in small[1::2]:
+        assert re.findall(row, section, re.M) == [("llama2-7b", m, "bf16", "on", "1", "16") for m in ("flat", "npo")]
     assert "Planner against a measurement" in text

@@ -9,6 +9,7 @@ import torch
 
 import data
 import evaluate
+import methods
 import models
 
 LOGS = Path(__file__).parent / "fixtures" / "tofu_logs"
@@ -125,9 +126,9 @@ def test_texts_of_unequal_length_score_the_same_batched_as_alone(tiny):
         np.testing.assert_allclose(got["logp"], slow, rtol=1e-4, atol=1e-5)
     # fine-tuning on text (corpora.text_row) likewise: the batch's per-row loss is each row's loss alone
     rows = [corpora.text_row(t) for t in texts]
-    loss, _ = train.batch_loss(model, {"answer": rows}, train.FINETUNE, None, tok.pad_token_id)
+    loss, _ = train.batch_loss(model, {"answer": rows}, methods.FINETUNE, None, tok.pad_token_id)
     for row, l in zip(rows, loss):
-        alone, _ = train.batch_loss(model, {"answer": [row]}, train.FINETUNE, None, tok.pad_token_id)
+        alone, _ = train.batch_loss(model, {"answer": [row]}, methods.FINETUNE, None, tok.pad_token_id)
         assert math.isclose(float(l.detach()), float(alone[0].detach()), rel_tol=1e-4)
 
 

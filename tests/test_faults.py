@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import BOOK_SMOKE, ROOT, TOFU_SMOKE, ZERO_SHOT_SMOKE, run_in_process, run_script
 
-import bench
 import run_harmful
 import run_hp
 import run_tofu
 import stages
+from bench import speed as bench
 
 
 def fails_cleanly(main, argv, capsys, out: Path, *needles):
@@ -51,7 +51,7 @@ BAD_HP = [(["--n-chunks", "-1"], "--n-chunks -1"), (["--held-out-fraction", "-0.
           (["--chunk-tokens", "1"], "--chunk-tokens 1"), (["--prompt-tokens", "30", "--chunk-tokens", "24"], "must be below"),
           (["--corpus", "books"], "--corpus books"), (["--template", "c4"], "--template c4"),
           (["--muse-probes", "-1"], "--muse-probes -1"), (["--epochs", "0"], "--epochs 0"),
-          (["--corpus", "muse-news", "--text", "x.txt"], "exclude each other")]
+          (["--corpus", "muse-news", "--text", "x.txt"], "does nothing without --corpus book")]
 BAD_HARMFUL = [(["--steps", "0"], "--steps 0"), (["--eval-prompts", "0"], "--eval-prompts 0"),
                (["--task", "jokes"], "--task jokes"), (["--judge", "no/such-judge-dir/x"], "unknown model"),
                (["--forget-items", "0"], "--forget-items 0"), (["--method", "llmu2"], "unknown loss 'llmu2'")]
@@ -265,10 +265,11 @@ import dataclasses  # noqa: E402
 import typing  # noqa: E402
 
 import math  # noqa: E402
+import re  # noqa: E402
 
 import flags  # noqa: E402
-import flat  # noqa: E402
-import models  # noqa: E402
+import methods  # noqa: E402
+from errors import ModelLoadError, UnknownName, UsageError  # noqa: E402
 
 RUNNERS = {"run_tofu": run_tofu, "run_hp": run_hp, "run_harmful": run_harmful}
 CHECKED_ELSEWHERE = {("run_harmful", "judge_layer")}   # negative layers count from the end: checked against the model
@@ -300,7 +301,7 @@ def test_every_numeric_flag_at_0_minus_1_nan_inf_huge_and_a_word_is_refused_or_i
             except SystemExit as e:                       # argparse: not a number of the flag's type
                 assert e.code == 2, (f.name, value)
                 continue
-            except (flags.UsageError, flat.UnknownName, models.ModelLoadError) as e:
+            except (UsageError, UnknownName, ModelLoadError) as e:
                 assert str(e).count("\n") == 0, (f.name, value, str(e))
                 continue
             got = getattr(args, f.name)
@@ -316,9 +317,9 @@ def test_loss_hyperparameters_that_would_flip_a_term_are_refused():
     for flag, value in [("--beta", "-1"), ("--beta", "0"), ("--simnpo-beta", "0"), ("--retain-weight", "-1"),
                         ("--eps1", "-1"), ("--eps2", "-0.5"), ("--eps3", "-1"), ("--simnpo-delta", "nan"),
                         ("--seed", "-1"), ("--seed", str(2**40)), ("--lr", "1e300"), ("--finetune-lr", "1e39")]:
-        with pytest.raises(flags.UsageError, match=f"^{flag} "):
-            flags.parse(run_tofu.Args, [flag, value], run_tofu.resolve, run_tofu.check)
-    with pytest.raises(flags.UsageError, match="reads at most"):
+        with pytest.raises(UsageError, match=f"^{flag} "):
+            flags.parse(run_tofu.Args, [flag, value, "--method", "all"], run_tofu.resolve, run_tofu.check)
+    with pytest.raises(UsageError, match="reads at most"):
         flags.parse(run_tofu.Args, ["--max-new-tokens", str(10**9)], run_tofu.resolve, run_tofu.check)
 
 
@@ -342,7 +343,7 @@ def test_flags_that_were_silently_resolved_are_explicit(capsys):
     with pytest.raises(SystemExit) as e:                              # --text with no book is an error
         flags.parse_args(run_hp.Args, ["--text"])
     assert e.value.code == 2 and "--text: expected at least one argument" in capsys.readouterr().err
-    with pytest.raises(flags.UsageError, match="--retain-logs and --retain-model"):
+    with pytest.raises(UsageError, match="--retain-logs and --retain-model"):
         flags.parse(run_tofu.Args, ["--retain-logs", "x", "--retain-model", "y"], run_tofu.resolve, run_tofu.check)
 
 
@@ -486,14 +487,28 @@ def test_a_ctrl_c_that_a_library_swallows_still_ends_the_run(capsys):
     assert e.value.code == 130 and "interrupted:" in capsys.readouterr().err
 
 
-def test_ctrl_c_while_the_libraries_import_is_one_line_and_exit_130(tiny_model_dir, tmp_path):
-    p = subprocess.Popen([sys.executable, str(ROOT / "run_tofu.py"), "--model", tiny_model_dir, "--out",
-                          str(tmp_path / "x")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)                                   # torch and transformers take seconds to import
+def ctrl_c_during_the_imports(tiny_model_dir, tmp_path, delay: float = 0.0):
+    """run_tofu.py in a fresh process, SIGINT once it says its signals are deferred (FLAT_READY_FILE: the
+    libraries are still importing then), plus `delay`: (exit code, stderr, whether --out was created)."""
+    ready, out = tmp_path / "ready", tmp_path / "x"
+    ready.unlink(missing_ok=True)
+    p = subprocess.Popen([sys.executable, str(ROOT / "run_tofu.py"), "--model", tiny_model_dir, "--out", str(out)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "FLAT_READY_FILE": str(ready)})
+    deadline = time.time() + 60
+    while not ready.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(delay)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err and err.strip().startswith("interrupted:"), err
-    assert not (tmp_path / "x").exists()
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err, out.exists()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])   # at once, and further into the imports (about 2 s alone)
+def test_ctrl_c_while_the_libraries_import_is_one_line_and_exit_130(delay, tiny_model_dir, tmp_path):
+    code, err, made = ctrl_c_during_the_imports(tiny_model_dir, tmp_path, delay)
+    assert code == 130 and "Traceback" not in err and err.strip() == "interrupted: nothing was started", err
+    assert not made
 
 
 def test_a_cached_model_that_parses_but_is_damaged_is_recomputed(tiny_model_dir, tmp_path):
@@ -552,3 +567,76 @@ def test_a_judge_cache_holding_nothing_is_refitted(tiny_model_dir, tmp_path):
     again = run_in_process(run_harmful.main, argv)
     assert f"[cache] {cache}: is incomplete" in again.stdout
     assert again.report["judge"] == first.report["judge"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every flag acts or is refused: a setting of a feature that is off would do nothing
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("runner,argv,needle", [
+    (run_tofu, ["--lora-alpha", "16", "--lora-targets", "q_proj"], "--lora-alpha 16.0 does nothing without --lora R"),
+    (run_tofu, ["--relearn-steps", "5", "--quant-group", "7"], "--relearn-steps 5 does nothing without --attacks relearn"),
+    (run_hp, ["--quant-group", "7", "--attacks", "relearn"], "--quant-group 7 does nothing without --attacks quant8"),
+    (run_tofu, ["--zero-shot-limit", "5"], "--zero-shot-limit 5 does nothing without --zero-shot TASKS"),
+    (run_hp, ["--zero-shot", "none", "--zero-shot-limit", "5"], "--zero-shot-limit 5 does nothing"),
+    (run_tofu, ["--beta", "0.5"], "--beta 0.5 does nothing for --method flat: only dpo, npo read it"),
+    (run_tofu, ["--method", "npo", "--retain-weight", "2"], "--retain-weight 2.0 does nothing for --method npo"),
+    (run_harmful, ["--task", "hallucination", "--judge-layer", "1"], "--judge-layer 1 does nothing without --task harmful"),
+    (run_harmful, ["--similarity", "hidden"], "--similarity hidden does nothing without --task hallucination"),
+    (run_hp, ["--corpus", "muse-news", "--n-chunks", "4"], "--n-chunks 4 does nothing without --corpus book")],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_a_setting_whose_feature_is_off_is_one_error_line(runner, argv, needle, tiny_model_dir, tmp_path, capsys):
+    fails_cleanly(runner.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), *argv], capsys,
+                  tmp_path / "x", needle)
+
+
+def _switches():
+    return {flags.LORA: (["--lora", "4"], []), flags.RELEARN: (["--attacks", "relearn"], ["--attacks", "quant8"]),
+            flags.QUANT: (["--attacks", "quant4"], ["--attacks", "relearn"]),
+            flags.ZERO_SHOT: (["--zero-shot", "arc_easy"], ["--zero-shot", "none"]),
+            run_hp.BOOK: ([], ["--corpus", "muse-news"]), run_hp.MUSE: (["--corpus", "muse-news"], []),
+            run_harmful.HARMFUL: ([], ["--task", "hallucination"]),
+            run_harmful.PROBE: ([], ["--judge", "some/judge"]),
+            run_harmful.HALLUCINATION: (["--task", "hallucination"], [])}  # switch on, switch off
+
+
+SAMPLE = {"lora_targets": "q_proj", "similarity": "hidden", "judge": "some/judge", "text": "x.txt",
+          "zero_shot_data": "dir"}
+FEATURES = ("lora", "zero_shot", "relearn", "quant", "judge")                    # flag names of a feature
+SCOPES = ("book:", "muse-news:", "probe:", "harmful:", "hallucination:", "zero-shot:", "LoRA:")  # helps of one
+BOTH = {"eval_chunks": "book and muse-news", "data_dir": "harmful and hallucination",
+        "hub_data": "both tasks (TruthfulQA)"}                                 # scoped helps that apply to every value
+
+
+@pytest.mark.parametrize("name", RUNNERS)
+def test_every_setting_of_a_feature_declares_its_switch_and_is_refused_without_it(name):
+    """Walk every flag: one that belongs to a feature (by its name or its help) declares the switch (needs=),
+    is refused with the switch off and accepted with it on. Loss hyperparameters are checked against --method."""
+    runner, loss_fields = RUNNERS[name], {f.name for f in dataclasses.fields(methods.LossParams)}
+    hints = typing.get_type_hints(runner.Args)
+    switches = _switches()
+    for f in dataclasses.fields(runner.Args):
+        needs = f.metadata.get("needs")
+        help_text = f.metadata.get("help", "")
+        scoped = f.name.startswith(FEATURES) or help_text.startswith(SCOPES)
+        if f.name in loss_fields or f.name in BOTH or f.name in ("lora", "zero_shot", "judge_layer_unused"):
+            continue
+        assert needs is not None or not scoped, f"{name}: --{f.name} belongs to a feature but declares no switch"
+        if needs is None:
+            continue
+        typ = next((t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)))
+        value = SAMPLE.get(f.name) or {int: "3", float: "0.5", bool: "true"}.get(typ) or "x"
+        on, off = switches[needs]
+        flag = f"--{f.name.replace('_', '-')}"
+        with pytest.raises(UsageError, match=f"^{flag} .* does nothing without {re.escape(needs.says)}"):
+            flags.check_switches(flags.parse_args(runner.Args, [*off, flag, value]))
+        flags.check_switches(flags.parse_args(runner.Args, [*on, flag, value]))  # with its switch on: accepted
+
+
+def test_every_loss_hyperparameter_is_accepted_with_a_method_that_reads_it():
+    for f in dataclasses.fields(methods.LossParams):
+        value = "true" if f.type in (bool, "bool") else ("js" if f.name == "divergence" else "0.5")
+        readers = [n for n, m in methods.LOSSES.items() if f.name in m.params]
+        extra = ["--npo-retain"] if f.name == "retain_weight" and readers[0] in ("npo", "simnpo") else []
+        flags.check_switches(flags.parse_args(run_tofu.Args, ["--method", readers[0], f"--{f.name.replace('_', '-')}",
+                                                              value, *extra]))

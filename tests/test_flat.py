@@ -8,6 +8,7 @@ import scipy.special
 import torch
 
 import flat
+import methods
 
 B, T, V = 5, 14, 23
 
@@ -249,15 +250,15 @@ def all_stats(fast: bool):
     return stats
 
 
-PARAMS = [flat.LossParams(divergence=d) for d in sorted(GENERATORS)] + [
-    flat.LossParams(retain_weight=0.3, beta=0.5, simnpo_beta=3.0, simnpo_delta=0.7, npo_retain=True,
+PARAMS = [methods.LossParams(divergence=d) for d in sorted(GENERATORS)] + [
+    methods.LossParams(retain_weight=0.3, beta=0.5, simnpo_beta=3.0, simnpo_delta=0.7, npo_retain=True,
                     eps1=2.0, eps2=0.5, eps3=0.25)]
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"{p.divergence}-rt{p.npo_retain}")
 def test_every_loss_matches_its_slow_formula(params):
     fast, slow = all_stats(True), all_stats(False)
-    for name, method in flat.LOSSES.items():
+    for name, method in methods.LOSSES.items():
         out = method.call(fast, params)
         assert out.shape == (B,), name
         want = torch.tensor([slow_loss(name, b, slow, params) for b in range(B)], dtype=torch.float64)
@@ -329,10 +330,10 @@ def test_each_method_declares_exactly_the_hyperparameters_it_reads():
     declare would let a changed flag reuse a stale stage; one it declares but never reads would split
     the cache for nothing."""
     stats = all_stats(True)
-    for name, method in flat.LOSSES.items():
+    for name, method in methods.LOSSES.items():
         read = set()
         for npo_retain in (False, True):
-            rec = _Recorder(flat.LossParams(npo_retain=npo_retain))
+            rec = _Recorder(methods.LossParams(npo_retain=npo_retain))
             method.call(stats, rec)
             assert rec.read <= set(method.params), (name, rec.read - set(method.params))
             read |= rec.read
@@ -343,9 +344,11 @@ def test_each_method_declares_exactly_the_hyperparameters_it_reads():
 
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(KeyError, match="unknown loss 'nope'.*dpo, flat, ga"):
-        flat.LOSSES["nope"]
-    with pytest.raises(KeyError, match="unknown divergence 'kll'.*jeffrey"):
+        methods.LOSSES["nope"]
+    with pytest.raises(ValueError, match="unknown divergence 'kll'.*jeffrey"):  # flat.py alone says it too
         flat.flat_loss(p_forget=torch.ones(2) / 2, p_template=torch.ones(2) / 2, divergence="kll")
+    with pytest.raises(KeyError, match="unknown divergence 'kll'; valid names: .*jeffrey"):
+        methods.DIVERGENCES.check("kll")
 
 
 def test_shape_mismatches_fail_at_entry():

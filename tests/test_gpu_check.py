@@ -15,10 +15,10 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     text = out.read_text()
     assert "**failed**" not in text and "Total:" in text, text
     assert "torch " in text and "transformers " in text and "peft " in text   # the machine's versions
-    runs = re.findall(r"`python (run_tofu.py|bench.py) [^`]*`: exit (\d+)", text)
-    assert [r[0] for r in runs] == ["run_tofu.py", "bench.py"] and all(code == "0" for _, code in runs), runs
+    runs = re.findall(r"`python (run_tofu.py|-m bench) [^`]*`: exit (\d+)", text)
+    assert [r[0] for r in runs] == ["run_tofu.py", "-m bench"] and all(code == "0" for _, code in runs), runs
     assert "--lora 8" in text and "| npo |" in text                        # the TOFU table of the LoRA run
-    assert re.search(r"\| \S+ \| flat \| off \| ours \| [\d.]+ \|", text)   # bench.py's row
+    assert re.search(r"\| \S+ \| flat \| off \| ours \| [\d.]+ \|", text)   # the benchmark's row
     memory = re.findall(r"^\| tiny (opt|llama) \| (flat|npo) \| (mixed|bf16) \| (16|-) \| ([\d.]+) \| ([\d.]+) \| "
                         r"([\d.]+) \|$", text, re.M)
     assert len(memory) == 4, text  # every row measured and planned (12 on a GPU)

@@ -14,8 +14,8 @@ import torch
 import corpora
 import data
 import evaluate
-import flat
 import judges
+import methods
 import mia
 import models
 import stages
@@ -42,7 +42,7 @@ def _scored_positions(model, tok, batch, params):
     with torch.no_grad():  # make the model differ from its reference, or the KL has no gradient
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    loss, _ = train.batch_loss(model, batch, flat.LOSSES["llmu"], params, tok.pad_token_id, ref)
+    loss, _ = train.batch_loss(model, batch, methods.LOSSES["llmu"], params, tok.pad_token_id, ref)
     loss.sum().backward()
     handle.remove()
     g = captured["logits"].grad.abs().sum(-1) > 0                                  # (rows, k)
@@ -59,7 +59,7 @@ def llmu_batch(tiny_model_dir):
               {"question": "Who?", "answer": "Basil writes novels about family and memory, and more."}]
     normal = [{"question": "What is the capital of France? Tell me more about it please.", "answer": "Paris."}]
     batch = data.unlearning_epoch(tok, "qa-hash", forget, ["I don't know.", "The capital of France is Paris."],
-                                  normal, batch_size=2, rng=random.Random(0))[0]
+                                  normal, rows_per_step=2, rng=random.Random(0))[0]
     return model, tok, batch
 
 
@@ -70,7 +70,7 @@ def test_each_llmu_term_scores_exactly_the_answer_tokens_of_its_stream(llmu_batc
     model = models.frozen_copy(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    params = flat.LossParams(eps1=term[0], eps2=term[1], eps3=term[2])
+    params = methods.LossParams(eps1=term[0], eps2=term[1], eps3=term[2])
     got, want = _scored_positions(model, tok, batch, params)
     rows = {s: slice(2 * i, 2 * i + 2) for i, s in enumerate(s for s in data.STREAMS if s in batch)}
     assert torch.equal(got[rows[stream]], want[rows[stream]])     # its answer tokens, all of them

@@ -15,6 +15,8 @@ import models
 import run_tofu
 import stages
 import train
+from bench import memplan
+from errors import UsageError
 
 LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # tiny llama's linears
 
@@ -42,7 +44,7 @@ def adapted_model(tiny_model_dir, seed=1):
 
 def test_only_the_adapters_train_and_the_reference_is_the_base_model(tiny_model_dir):
     compute = models.Compute("cpu", "fp32", False)
-    model, tok, ref = train.training_model(tiny_model_dir, compute, reference=True, lora=models.Lora(4, 8.0))
+    model, tok, ref = stages.training_model(tiny_model_dir, compute, reference=True, lora=models.Lora(4, 8.0))
     assert isinstance(ref, models.AdaptersOff) and ref.model is model  # no second copy of the weights
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt, _ = train.optimizer_and_schedule(model, 1e-2, 0.01, 0, 3)
@@ -119,8 +121,6 @@ def test_lora_with_gradient_checkpointing_and_two_processes_equals_one(lora_run,
 
 
 def test_a_stage_planned_over_the_free_memory_stops_before_loading_weights(tiny_model_dir, tmp_path, monkeypatch):
-    import memplan
-    from flags import UsageError
     planned = []
     real_spawn = memplan.spawn
     monkeypatch.setattr(memplan, "spawn", lambda cfg: planned.append(cfg) or real_spawn(cfg))
@@ -146,7 +146,6 @@ def test_a_stage_planned_over_the_free_memory_stops_before_loading_weights(tiny_
 
 
 def test_the_advice_names_the_settings_its_estimates_fit():
-    import memplan
     G = 2**30
     est = dict(params=10 * G, grads=10 * G, optimizer=20 * G, reference=10 * G, activations=5 * G, total=55 * G)
     assert memplan.alternatives(est, "mixed", 0, 1, 30 * G) == [("--lora 16", 15.0),
@@ -167,9 +166,8 @@ def test_the_adapters_start_from_their_own_seed_whatever_was_drawn_before(tiny_m
 
 
 def test_the_reference_is_kept_in_the_compute_dtype_and_the_planner_counts_it_so(tiny_model_dir):
-    import memplan
-    ref = train.training_model(tiny_model_dir, models.Compute("cpu", "mixed", False), reference=True)[2]
-    model = train.training_model(tiny_model_dir, models.Compute("cpu", "mixed", False))[0]
+    ref = stages.training_model(tiny_model_dir, models.Compute("cpu", "mixed", False), reference=True)[2]
+    model = stages.training_model(tiny_model_dir, models.Compute("cpu", "mixed", False))[0]
     assert {p.dtype for p in ref.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in ref.parameters())
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # the trained weights stay fp32 masters
     spec = ["llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -179,3 +177,29 @@ def test_the_reference_is_kept_in_the_compute_dtype_and_the_planner_counts_it_so
     assert full["reference"] == full["params"] / 2  # bf16 against fp32: half the bytes
     assert lora["reference"] == 0 and lora["optimizer"] < full["optimizer"] / 20  # no copy; moments of adapters only
     assert lora["total"] < full["total"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--lora", "4096"], "--lora 4096: above the rank of every targeted layer of "),
+    (["--lora", "1000000000"], "pass --lora 32 or less"),
+    (["--lora", "8", "--lora-targets", "foo_proj"], "no linear layer named foo_proj; its linear layers: down_proj, "
+                                                    "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")])
+def test_lora_settings_the_model_cannot_take_are_refused_before_any_weights_load(argv, needle, tiny_model_dir, tmp_path,
+                                                                                  capsys, monkeypatch):
+    """From the model's config on the meta device: tiny llama's layers are at most 32 wide (q 32x32, k and v
+    32x16, the MLP 32x64), and it has no foo_proj. Nothing loads, --out is not created."""
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        stages.main_guard(lambda: run_tofu.main(["--model", tiny_model_dir, "--out", str(out), *argv]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_a_rank_whose_adapters_outgrow_a_layer_is_one_warning_line(tiny_model_dir, capsys):
+    models.check_lora(tiny_model_dir, models.Lora(16, 32.0))   # k_proj, v_proj: 16 x (32 + 16) = 768 > 32 x 16 = 512
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("warning: --lora 16: the adapters of 4 of the 14 targeted layers"), out
+    models.check_lora(tiny_model_dir, models.Lora(4, 8.0, targets="q_proj,v_proj"))  # 4 x 48 < 512: nothing said
+    assert capsys.readouterr().out == ""

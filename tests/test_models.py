@@ -6,6 +6,8 @@ import torch
 from conftest import make_tiny_model
 
 import models
+import stages
+from errors import ModelLoadError
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
@@ -20,9 +22,12 @@ def test_local_directory_loads_on_cpu_in_fp32_and_generates(tmp_path, arch):
     assert out.shape == (1, enc.input_ids.shape[1] + 5)
 
 
-def test_gradient_checkpointing_flag_and_frozen_copy(tiny_model_dir):
-    model, _ = models.load_model(tiny_model_dir, device="cpu", gradient_checkpointing=True)
-    assert model.is_activation_checkpointing
+def test_gradient_checkpointing_where_the_training_model_is_built_and_frozen_copy(tiny_model_dir):
+    """Loading never switches checkpointing on; building a model to train does, as the run decided."""
+    assert not models.is_checkpointing(models.load_model(tiny_model_dir, device="cpu")[0])
+    model, _, _ = stages.training_model(tiny_model_dir, models.Compute("cpu", "fp32", gradient_checkpointing=True))
+    assert model.is_activation_checkpointing and model.config.use_cache is False
+    assert not models.is_checkpointing(stages.training_model(tiny_model_dir, models.Compute("cpu", "fp32", False))[0])
     ref = models.frozen_copy(model)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     assert all(p.requires_grad for p in model.parameters())
@@ -32,14 +37,14 @@ def test_gradient_checkpointing_flag_and_frozen_copy(tiny_model_dir):
 
 
 def test_unknown_model_name_lists_the_aliases():
-    with pytest.raises(models.ModelLoadError, match="unknown model 'gpt-17'.*llama2-7b, opt-1.3b, opt-2.7b"):
+    with pytest.raises(ModelLoadError, match="unknown model 'gpt-17'.*llama2-7b, opt-1.3b, opt-2.7b"):
         models.load_model("gpt-17")
 
 
 def test_unreachable_hub_fails_at_once_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
     start = time.time()
-    with pytest.raises(models.ModelLoadError) as err:
+    with pytest.raises(ModelLoadError) as err:
         models.load_model("flat-unlearning-tests/no-such-model", device="cpu")
     msg = str(err.value)
     assert "'flat-unlearning-tests/no-such-model'" in msg and "unreachable" in msg and "--model DIR" in msg

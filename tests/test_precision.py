@@ -9,8 +9,9 @@ import torch
 
 import data
 import distributed
-import flat
+import methods
 import models
+import stages
 import train
 
 
@@ -24,13 +25,13 @@ def _batch(tok, method, params):
 
 def _step(path, name, compute):
     """One training step of a method in the given precision: (per-row loss, gradient norm)."""
-    model, tok, ref = train.training_model(path, compute, reference=bool(flat.LOSSES[name].reference))
+    model, tok, ref = stages.training_model(path, compute, reference=bool(methods.LOSSES[name].reference))
     torch.manual_seed(0)
     with torch.no_grad():  # the model must differ from its reference, or KL and NPO terms are trivial
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     model.train()
-    method, params = flat.LOSSES[name], flat.LossParams(npo_retain=True)
+    method, params = methods.LOSSES[name], methods.LossParams(npo_retain=True)
     with compute.autocast():
         loss, diag = train.batch_loss(model, _batch(tok, method, params), method, params, tok.pad_token_id, ref)
     loss.sum().backward()
@@ -40,7 +41,7 @@ def _step(path, name, compute):
     return loss.detach().float(), float(torch.stack(grads).norm())
 
 
-@pytest.mark.parametrize("name", sorted(flat.LOSSES))
+@pytest.mark.parametrize("name", sorted(methods.LOSSES))
 def test_mixed_and_bf16_paths_with_checkpointing_match_fp32(tiny_model_dir, name):
     fp32 = _step(tiny_model_dir, name, models.Compute("cpu", "fp32", False))
     for precision in ("mixed", "bf16"):

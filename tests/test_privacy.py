@@ -15,6 +15,7 @@ import corpora
 import data
 import evaluate
 import judges
+import methods
 import mia
 import models
 import train
@@ -137,7 +138,7 @@ def _memorise(model, tok, rows, steps=120):
     plan = train.plan_steps(([{"answer": [data.encode_qa(tok, "base", r["question"], r["answer"]) for r in rows]}]
                              for _ in range(steps)), len(rows))
     args = type("A", (), dict(weight_decay=0.0, warmup_epochs=0.0, max_grad_norm=1.0, log_every=1000))
-    train.train(model, tok, plan, train.FINETUNE, None, 3e-3, args, models.resolve_compute("cpu"), "memorise")
+    train.train(model, tok, plan, methods.FINETUNE, None, 3e-3, args, models.resolve_compute("cpu"), "memorise")
 
 
 def test_auc_is_1_for_a_model_that_memorised_the_forget_set(tiny_model_dir):

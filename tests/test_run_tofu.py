@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import TOFU_SMOKE, run_script
 
 import evaluate
-import flat
+import methods
 import plots
 import stages
 
@@ -20,7 +20,7 @@ KEYS = {"forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE"
 
 def test_every_method_runs_once_with_shared_fine_tuning_and_reports_every_key(tofu_run):
     report, out = tofu_run.report, tofu_run.out
-    assert list(report["methods"]) == list(flat.LOSSES)            # `all`, one row per method, in table order
+    assert list(report["methods"]) == list(methods.LOSSES)            # `all`, one row per method, in table order
     rows = {"target": report["target"], "retain": report["retain"], **report["methods"]}
     for name, row in rows.items():
         assert KEYS <= set(row), (name, KEYS - set(row))
@@ -31,7 +31,7 @@ def test_every_method_runs_once_with_shared_fine_tuning_and_reports_every_key(to
     # each fine-tuning ran once, every method's unlearning once, each from the shared target
     assert tofu_run.stdout.count("[finetune-target] step     2/2") == 1
     assert tofu_run.stdout.count("[finetune-retain] step     2/2") == 1
-    for method in flat.LOSSES:
+    for method in methods.LOSSES:
         assert tofu_run.stdout.count(f"[unlearn-{method}] step     2/2") == 1, method
         log = json.loads((Path(report["dirs"][method]) / "train_log.json").read_text())
         assert [r["step"] for r in log] == [1, 2] and log[-1]["lr"] == 0.0

@@ -55,7 +55,7 @@ def test_steps_taken_equal_steps_planned_and_the_schedule_ends_at_zero(n, bs, ac
     monkeypatch.setattr(train, "batch_loss", loss_fn)
     hook = register_optimizer_step_post_hook(lambda opt, *a: taken.append(1))
     try:
-        log, _ = train.train(Counter(), TOK, plan, train.FINETUNE, None, 0.1, ARGS, models.resolve_compute("cpu"), "test")
+        log, _ = train.train(Counter(), TOK, plan, methods.FINETUNE, None, 0.1, ARGS, models.resolve_compute("cpu"), "test")
     finally:
         hook.remove()
     assert len(taken) == planned                     # every planned step is taken, no more
@@ -108,7 +108,7 @@ def test_the_published_tofu_settings_take_every_planned_step():
 
 import dataclasses  # noqa: E402
 
-import flat  # noqa: E402
+import methods  # noqa: E402
 import run_harmful  # noqa: E402
 import run_hp  # noqa: E402
 import run_tofu  # noqa: E402
@@ -126,7 +126,7 @@ RUNNERS = [run_tofu, run_hp, run_harmful]  # each trains a finetune and an unlea
 
 
 def _keys(args, method="flat"):
-    m = flat.LOSSES[method]
+    m = methods.LOSSES[method]
     params = m.read_params(flags.loss_params(args))  # what run.stage("unlearn", ...) is given
     return {stage: stages.stage_key(args, stage, CPU, **({"params": params} if stage == "unlearn" else {}))
             for stage in ("finetune", "unlearn", "eval")}

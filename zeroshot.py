@@ -10,23 +10,27 @@ from --zero-shot-data, and converted to the fields of the Hub dataset lm-eval wo
 without a local copy (hellaswag; rte, not vendored because its licence is unstated) is lm-eval's
 stock task, loaded from the Hub.
 
-    tasks = utility.resolve("all", data_dir=None)             # before any model loads: files, sha256, rows
-    scores = utility.zero_shot(model, tok, tasks, limit=100)  # {"summary": {...}, "items": {...}}
+    tasks = zeroshot.resolve("all", data_dir=None)             # before any model loads: files, sha256, rows
+    scores = zeroshot.zero_shot(model, tok, tasks, limit=100)  # {"summary": {...}, "items": {...}}
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
+import torch
 
 import data
-from data import DataError
-from flags import UsageError
+import models
+import tables
+from errors import DataError, UsageError
 
 TASK_DIR = data.ROOT / "vendored" / "zeroshot"
 BATCH_SIZE = 8  # FLAT's lm-eval batch size
@@ -238,7 +242,6 @@ def _dataset(split: str, rows: list[dict]):
 
 def _stock_task(name: str, data_dir: str | None) -> Task:
     import lm_eval
-    import models
     where = f"{data_dir} or {TASK_DIR}" if data_dir else str(TASK_DIR)
     if name not in _task_manager(stock=True).all_tasks:
         raise UsageError(f"--zero-shot: unknown task {name!r}; local tasks: {', '.join(TASKS)}; "
@@ -333,7 +336,6 @@ def add_zero_shot(run, results: dict[str, dict], paths: dict) -> None:
     """--zero-shot on every model the runner evaluated (results: name -> {"summary", "items"}; paths:
     name -> its directory or name): each a cached stage keyed by the model, the tasks' files and YAML
     and --zero-shot-limit; the scores go into the model's summary and items."""
-    import models
     args, c = run.args, run.compute
     tasks = resolve(args.zero_shot, args.zero_shot_data)
     if not tasks:
@@ -343,7 +345,8 @@ def add_zero_shot(run, results: dict[str, dict], paths: dict) -> None:
         if run.missing(cache):
             run.say(f"[zero-shot] {name}: {', '.join(t.name for t in tasks)}"
                     + (f", the first {args.zero_shot_limit} items of each" if args.zero_shot_limit else ""))
-            model, tok = models.load_model(str(paths[name]), c.device, c.eval_dtype, False, args.trust_remote_code)
+            model, tok = models.load_model(str(paths[name]), c.device, c.eval_dtype,
+                                           trust_remote_code=args.trust_remote_code)
             run.write(cache, zero_shot(model, tok, tasks, args.zero_shot_limit))
         scores = run.read(cache)
         results[name]["summary"].update(scores["summary"])
@@ -356,25 +359,19 @@ COLUMN = ("zero-shot", "zeroshot_mean", ".3f")  # the column each runner's table
 def print_table(report: dict, refs: tuple[str, ...]) -> None:
     """The zero-shot table (after a runner's own): each model's accuracy per task (lm-eval's acc; a stock
     task's other metrics as they come) and the mean accuracy; nothing when --zero-shot did not run."""
-    import stages
     first = next((report[n] for n in refs if n in report), None) or next(iter(report["methods"].values()))
     keys = [k for k in first if k.startswith("zeroshot_") and not k.endswith(("_norm", "_items", "_mean"))]
     if keys:
         items = ", ".join(f"{k[9:-6]} {first[k]}" for k in first if k.startswith("zeroshot_") and k.endswith("_items"))
-        stages.print_table(f"Zero-shot accuracy (lm-evaluation-harness acc, 0-1; items per task: {items})", report,
+        tables.print_table(f"Zero-shot accuracy (lm-evaluation-harness acc, 0-1; items per task: {items})", report,
                            refs, [(k[9:], k, ".3f") for k in keys] + [("mean", "zeroshot_mean", ".3f")])
 
 
 def main(argv=None) -> dict:
     """Score one model on the zero-shot tasks, one task at a time with its time, as a markdown table:
 
-        python utility.py --model smollm2-135m --zero-shot all --zero-shot-data DIR   # DIR: e.g. with rte/
+        python zeroshot.py --model smollm2-135m --zero-shot all --zero-shot-data DIR   # DIR: e.g. with rte/
     """
-    import argparse
-    import time
-
-    import models
-    import torch
     p = argparse.ArgumentParser(description="Zero-shot accuracy of one model (lm-evaluation-harness, FLAT's tasks)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--zero-shot", default="all")
@@ -385,8 +382,8 @@ def main(argv=None) -> dict:
     tasks = resolve(args.zero_shot, args.zero_shot_data)
     models.check_name(args.model, args.trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = models.load_model(args.model, device, torch.bfloat16 if device == "cuda" else torch.float32, False,
-                                   args.trust_remote_code)
+    model, tok = models.load_model(args.model, device, torch.bfloat16 if device == "cuda" else torch.float32,
+                                   trust_remote_code=args.trust_remote_code)
     print("| task | items | acc | acc_norm | seconds |\n|---|---|---|---|---|")
     out = {}
     for t in tasks:

@@ -1,4 +1,4 @@
-"""Zero-shot utility (utility.py): each task as lm-eval scores it equals a slow, independent
+"""Zero-shot utility (zeroshot.py): each task as lm-eval scores it equals a slow, independent
 computation of every choice's log-probability from the task's published prompt format; the task
 files are checked (sha256, rows) before any model loads; the runner's cached stage is reused and
 recomputed when --zero-shot-limit changes."""
@@ -14,9 +14,8 @@ from conftest import BOOK_SMOKE, ZERO_SHOT_SMOKE, run_in_process
 import data
 import models
 import run_hp
-import utility
-from data import DataError
-from flags import UsageError
+import zeroshot
+from errors import DataError, UsageError
 
 # TruthfulQA's "QA prompt" (Lin et al. 2022, the six questions lm-eval's mc1/mc2 put before each question).
 TRUTHFULQA_SHOTS = (
@@ -101,21 +100,21 @@ def rte_dir(tmp_path, monkeypatch):
     (tmp_path / "rte").mkdir()
     f = tmp_path / "rte" / "validation.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.setitem(utility.TASKS, "rte", utility.TASKS["rte"]._replace(
+    monkeypatch.setitem(zeroshot.TASKS, "rte", zeroshot.TASKS["rte"]._replace(
         files=(("rte/validation.jsonl", hashlib.sha256(f.read_bytes()).hexdigest()),)))
-    monkeypatch.setattr(utility, "_RESOLVED", {})
+    monkeypatch.setattr(zeroshot, "_RESOLVED", {})
     return tmp_path
 
 
 def test_every_task_scores_as_a_slow_loop_over_its_published_format(tiny_model_dir, tmp_path, monkeypatch):
     data_dir = rte_dir(tmp_path, monkeypatch)
-    tasks = utility.resolve("all", str(data_dir))
-    assert [t.name for t in tasks] == [n for n in utility.FLAT_TASKS if n != "hellaswag"]
-    model, tok = models.load_model(tiny_model_dir, "cpu", torch.float32, False, False)
+    tasks = zeroshot.resolve("all", str(data_dir))
+    assert [t.name for t in tasks] == [n for n in zeroshot.FLAT_TASKS if n != "hellaswag"]
+    model, tok = models.load_model(tiny_model_dir, "cpu", torch.float32)
     limit = 3
-    out = utility.zero_shot(model, tok, tasks, limit=limit)
+    out = zeroshot.zero_shot(model, tok, tasks, limit=limit)
     for t in tasks:
-        items = raw_rows(t.name, data_dir if t.name == "rte" else utility.TASK_DIR)[:limit]
+        items = raw_rows(t.name, data_dir if t.name == "rte" else zeroshot.TASK_DIR)[:limit]
         got = out["items"][t.name]
         assert got["doc_id"] == list(range(limit)), t.name
         accs, norms = [], []
@@ -134,48 +133,48 @@ def test_every_task_scores_as_a_slow_loop_over_its_published_format(tiny_model_d
 
 
 def test_the_vendored_files_are_the_recorded_releases_in_full():
-    for name, task in utility.TASKS.items():
+    for name, task in zeroshot.TASKS.items():
         for f, recorded in task.files:
-            path = utility.TASK_DIR / f
+            path = zeroshot.TASK_DIR / f
             if name == "rte":
                 assert not path.exists()  # its licence is unstated: not in the repository
                 continue
             assert hashlib.sha256(path.read_bytes()).hexdigest() == recorded, f
-    rows = {t.name: t.about["rows"] for t in utility.resolve("all")}
+    rows = {t.name: t.about["rows"] for t in zeroshot.resolve("all")}
     assert rows == {"boolq": 3270, "winogrande": 1267, "arc_challenge": 1172, "arc_easy": 2376, "openbookqa": 500,
                     "piqa": 1838, "truthfulqa_mc1": 817, "truthfulqa_mc2": 817}  # the sizes the releases state
 
 
 def test_a_changed_missing_or_malformed_task_file_fails_naming_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(utility, "_RESOLVED", {})
+    monkeypatch.setattr(zeroshot, "_RESOLVED", {})
     (tmp_path / "arc_easy").mkdir()
     f = tmp_path / "arc_easy" / "ARC-Easy-Test.jsonl"
-    lines = (utility.TASK_DIR / "arc_easy" / "ARC-Easy-Test.jsonl").read_text().splitlines(keepends=True)
+    lines = (zeroshot.TASK_DIR / "arc_easy" / "ARC-Easy-Test.jsonl").read_text().splitlines(keepends=True)
     f.write_text("".join(lines[:5]))  # a truncated copy
     with pytest.raises(DataError, match=r"ARC-Easy-Test.jsonl: sha256 .* differs from the recorded release"):
-        utility.resolve("arc_easy", str(tmp_path))
+        zeroshot.resolve("arc_easy", str(tmp_path))
     row = json.loads(lines[1])
     row["answerKey"] = "Z"
     f.write_text(lines[0] + json.dumps(row) + "\n")
-    monkeypatch.setitem(utility.TASKS, "arc_easy", utility.TASKS["arc_easy"]._replace(
+    monkeypatch.setitem(zeroshot.TASKS, "arc_easy", zeroshot.TASKS["arc_easy"]._replace(
         files=(("arc_easy/ARC-Easy-Test.jsonl", hashlib.sha256(f.read_bytes()).hexdigest()),)))
     with pytest.raises(DataError, match=r"ARC-Easy-Test.jsonl: row 2: answerKey 'Z' is not one of the labels"):
-        utility.resolve("arc_easy", str(tmp_path))
+        zeroshot.resolve("arc_easy", str(tmp_path))
     f.write_text(lines[0] + "{not json\n")
-    monkeypatch.setitem(utility.TASKS, "arc_easy", utility.TASKS["arc_easy"]._replace(
+    monkeypatch.setitem(zeroshot.TASKS, "arc_easy", zeroshot.TASKS["arc_easy"]._replace(
         files=(("arc_easy/ARC-Easy-Test.jsonl", hashlib.sha256(f.read_bytes()).hexdigest()),)))
     with pytest.raises(DataError, match=r"ARC-Easy-Test.jsonl:2: not valid JSON"):
-        utility.resolve("arc_easy", str(tmp_path))
+        zeroshot.resolve("arc_easy", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no local copy and no Hub: say so, and how to give one
     with pytest.raises(UsageError, match=r"--zero-shot rte: no local files .* pass --zero-shot-data DIR"):
-        utility.resolve("rte")
+        zeroshot.resolve("rte")
     with pytest.raises(UsageError, match=r"unknown task 'boolq2'; local tasks: boolq, rte"):
-        utility.resolve("boolq2")
+        zeroshot.resolve("boolq2")
 
 
 def test_a_bad_task_file_stops_the_runner_before_any_model_loads(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(utility, "_RESOLVED", {})
-    shutil.copytree(utility.TASK_DIR / "piqa", tmp_path / "piqa")
+    monkeypatch.setattr(zeroshot, "_RESOLVED", {})
+    shutil.copytree(zeroshot.TASK_DIR / "piqa", tmp_path / "piqa")
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer was loaded"))
@@ -193,7 +192,7 @@ def test_the_zero_shot_stage_is_cached_and_follows_the_limit(book_run, tmp_path)
     assert "| zero-shot |" in book_run.stdout and "Zero-shot accuracy" in book_run.stdout
     base = ["--model", book_run.model, "--text", str(book_run.book), "--out", str(tmp_path / "run"),
             "--method", "flat", "--batch-size", "2", *BOOK_SMOKE, *ZERO_SHOT_SMOKE]
-    spies = [(utility, "zero_shot"), (run_hp, "evaluate_continuations")]
+    spies = [(zeroshot, "zero_shot"), (run_hp, "evaluate_continuations")]
     first = run_in_process(run_hp.main, base, spies=spies)
     assert len(first.calls["zero_shot"]) == 3  # reference, original, flat
     items = json.loads((tmp_path / "run" / "eval_items.json").read_text())
@@ -213,7 +212,7 @@ def test_a_stock_task_without_accuracy_keeps_its_own_metrics_out_of_the_mean():
            "samples": {"piqa": [{"doc_id": 1, "target": 0, "resps": [[(-2.0, False)], [(-1.0, True)]], "acc": 0.0},
                                 {"doc_id": 0, "target": 1, "resps": [[(-3.0, False)], [(-1.5, False)]], "acc": 1.0}],
                        "wikitext": [{"doc_id": 0, "target": "text", "resps": [[-120.0]], "word_perplexity": -120.0}]}}
-    got = utility.scores(out, ["piqa", "wikitext"])
+    got = zeroshot.scores(out, ["piqa", "wikitext"])
     assert got["summary"] == {"zeroshot_piqa": 0.5, "zeroshot_piqa_norm": 0.25, "zeroshot_piqa_items": 2,
                               "zeroshot_wikitext_word_perplexity": 31.5, "zeroshot_wikitext_bits_per_byte": 0.9,
                               "zeroshot_wikitext_items": 1, "zeroshot_mean": 0.5}

@@ -2,8 +2,8 @@
 the existing unlearning code, side by side in one run, with model FLOPs utilisation against the
 matrix-multiply rate measured on the same machine.
 
-    python bench.py                                   # CPU: SmolLM2-135M, writes bench/RESULTS.md
-    python bench.py --device cuda --models opt-1.3b opt-2.7b llama2-7b --memory   # GPU, random weights
+    python -m bench                                   # CPU: SmolLM2-135M, writes bench/RESULTS.md
+    python -m bench --device cuda --models opt-1.3b opt-2.7b llama2-7b --memory   # GPU, random weights
 
 The reference pattern, written here from its description (it is not this project's code path):
 every example padded to a fixed 500 tokens, the forget / template / retain / reference passes run
@@ -31,16 +31,16 @@ import torch
 import data
 import evaluate
 import flags
-import flat
+import methods
 import models
-import memplan
 import stages
 import train
-import measure
-from measure import ARCHS, machine, write_text_atomic
+from bench import evaluation, measure, memplan
+from bench.measure import ARCHS, machine, write_text_atomic
+from errors import ModelLoadError
 from flat import IGNORE_INDEX, SeqStats
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 FIXED_LENGTH = 500  # the existing TOFU/FLAT code pads every example to 500 tokens
 FIXED_NEW_TOKENS = 200
 
@@ -86,7 +86,7 @@ def loop_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
     return torch.stack(out)
 
 
-def reference_batch_loss(model, batch: dict, method: flat.Method, params: flat.LossParams, pad_id: int,
+def reference_batch_loss(model, batch: dict, method: methods.Method, params: methods.LossParams, pad_id: int,
                          ref_model=None, length: int = FIXED_LENGTH) -> tuple[torch.Tensor, dict]:
     """train.batch_loss in the reference pattern: one fixed-length forward pass per stream, and
     one more per stream for the reference model."""
@@ -157,16 +157,16 @@ def load(name: str, device: str, dtype, gc: bool):
     """A real model (alias or directory), or an architecture of ARCHS with random weights and the
     SmolLM2 tokenizer (token ids folded into its vocabulary)."""
     if name not in ARCHS:
-        return models.load_model(name, device, dtype, gc)
+        model, tok = models.load_model(name, device, dtype)
+        models.checkpointing(model, on=gc)
+        return model, tok
     from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
     kind, cfg = ARCHS[name]
     config = (OPTConfig if kind == "opt" else LlamaConfig)(**cfg)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if gc:
-        models.checkpointing(model, True)
-        model.config.use_cache = False
+    models.checkpointing(model, on=gc)
     tok = models.load_tokenizer(str(SMOLLM2_FILES))  # SmolLM2's tokenizer files, no weights needed
     return model, tok
 
@@ -179,7 +179,7 @@ def fold(batch: dict, vocab: int) -> dict:
     return {s: [f(r) for r in rows] for s, rows in batch.items()}
 
 
-def tofu_batches(tok, style: str, method: flat.Method, params, batch_size: int, n: int, seed: int = 0):
+def tofu_batches(tok, style: str, method: methods.Method, params, batch_size: int, n: int, seed: int = 0):
     """n unlearning batches over TOFU forget10 (its real lengths), with IDK templates and retain90."""
     rng = random.Random(seed)
     forget = data.load_tofu("forget10")
@@ -203,7 +203,7 @@ def worker_train(cfg: dict) -> dict:
     device, gc = cfg["device"], cfg["gc"]
     compute = models.resolve_compute(device, cfg["precision"], gc)
     model, tok = load(cfg["model"], device, compute.train_dtype, gc)
-    method, params = flat.LOSSES[cfg["method"]], flat.LossParams()
+    method, params = methods.LOSSES[cfg["method"]], methods.LossParams()
     ref = models.frozen_copy(model) if method.reference else None
     style = models.prompt_style(cfg["model"], tok) if cfg["model"] not in ARCHS else "base"
     batches = tofu_batches(tok, style, method, params, cfg["batch_size"], cfg["steps"] + 1)
@@ -266,7 +266,7 @@ def worker_memory(cfg: dict) -> dict:
     try:
         for _ in range(2):
             with compute.autocast():
-                loss, _ = train.batch_loss(model, batch, flat.LOSSES["flat"], flat.LossParams(), 0)
+                loss, _ = train.batch_loss(model, batch, methods.LOSSES["flat"], methods.LossParams(), 0)
             loss.mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -295,7 +295,7 @@ WORKERS = {"train": worker_train, "eval": worker_eval, "memory": worker_memory}
 
 def spawn(cfg: dict) -> dict:
     """One benchmark worker in a fresh process (measure.spawn)."""
-    return measure.spawn(cfg, Path(__file__))
+    return measure.spawn(cfg, "bench.speed")
 
 
 
@@ -327,7 +327,13 @@ def main(argv=None) -> None:
     ap.add_argument("--memory", action="store_true", help="CUDA: measured peak memory at batch 16 x 512 tokens")
     ap.add_argument("--plan-memory", action="store_true",
                     help="estimate peak memory per setting on fake tensors (no GPU, no weights): bench/MEMORY.md")
-    ap.add_argument("--out", default=None, help="default: bench/RESULTS.md (bench/MEMORY.md with --plan-memory)")
+    ap.add_argument("--evaluation", action="store_true",
+                    help="one model's TOFU evaluation by set and kind of work, against evaluate.py at --before: "
+                         "bench/EVALUATION.md")
+    ap.add_argument("--before", default=None, help="--evaluation: the git revision of the previous evaluate.py "
+                                                   "(default: HEAD)")
+    ap.add_argument("--out", default=None, help="default: bench/RESULTS.md (bench/MEMORY.md with --plan-memory, "
+                                                "bench/EVALUATION.md with --evaluation)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -337,18 +343,21 @@ def main(argv=None) -> None:
     try:
         compute = models.resolve_compute(args.device, args.precision)
         for m in args.methods:
-            flat.LOSSES.check(m)
+            methods.LOSSES.check(m)
         for name in args.models or []:
             if name not in ARCHS:
                 models.check_name(name)
-        out = Path(args.out or ROOT / "bench" / ("MEMORY.md" if args.plan_memory else "RESULTS.md"))
+        out = Path(args.out or ROOT / "bench" / ("MEMORY.md" if args.plan_memory else
+                                                 "EVALUATION.md" if args.evaluation else "RESULTS.md"))
         if out.is_dir():
             raise ValueError(f"--out {out}: is a directory, not a file")
         flags.check_out_dir(out.parent)   # writable: found out now, not after the whole benchmark
-    except (ValueError, KeyError, models.ModelLoadError) as e:
+    except (ValueError, KeyError, ModelLoadError) as e:
         stages.fail(str(e))
     if args.plan_memory:
         return memplan.plan_memory_table(args, Path(args.out or ROOT / "bench" / "MEMORY.md"))
+    if args.evaluation:
+        return evaluation.table(args, out)
     args.out = args.out or str(ROOT / "bench" / "RESULTS.md")
     cuda = compute.device.startswith("cuda")
     model_names = args.models or (list(ARCHS) if cuda else ["smollm2-135m"])
@@ -359,7 +368,7 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     rate = matmul_rate(args.device, dtype, 8192 if cuda else 2048)
     lines = ["# Benchmark results\n",
-             f"`python bench.py {' '.join(argv if argv is not None else sys.argv[1:])}` on {date.today()}, "
+             f"`python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}` on {date.today()}, "
              f"{machine(args.device)}.\n",
              f"Matrix-multiply rate measured in this run ({'bf16' if cuda else 'fp32'}): {rate / 1e9:.1f} GFLOP/s. "
              f"MFU = model FLOPs (6 x params x tokens per trained token, 8x with gradient checkpointing, "
@@ -424,9 +433,13 @@ def main(argv=None) -> None:
     print(f"\nwritten to {args.out}")
 
 
-if __name__ == "__main__":
+def main_guarded() -> None:
     try:
         main()
     except KeyboardInterrupt:  # a worker process is a child: it gets the same Ctrl-C and ends too
         print("\ninterrupted: nothing written (the tables are written at the end)", file=sys.stderr)
         raise SystemExit(130)
+
+
+if __name__ == "__main__":  # a worker (measure.spawn); people run `python -m bench`
+    main_guarded()

@@ -1,4 +1,4 @@
-"""What the speed benchmark (bench.py) and the memory planner (memplan.py) share: the architectures
+"""What the speed benchmark (bench/speed.py) and the memory planner (bench/memplan.py) share: the architectures
 they build with random weights, measurements in fresh worker processes, the machine's description and
 atomic report writing."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 import models
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 # Architectures built from a config with random weights (no Hub): speed and memory only.
 ARCHS = {
@@ -28,13 +28,13 @@ ARCHS = {
 }
 
 
-def spawn(cfg: dict, script: Path) -> dict:
-    """Run one measurement in a fresh process (`python SCRIPT --worker JSON`) and return its
-    JSON result. glibc's malloc serves every
+def spawn(cfg: dict, module: str) -> dict:
+    """Run one measurement in a fresh process (`python -m MODULE --worker JSON`, from the repository)
+    and return its JSON result. glibc's malloc serves every
     allocation above 128 KiB with mmap there, so a freed tensor leaves the resident set at once and the
     process's high-water mark (peak_memory_gb on CPU, memplan.worker_measure) is the peak of live memory."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    p = subprocess.run([sys.executable, str(Path(script).resolve()), "--worker", json.dumps(cfg)],
+    p = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(cfg)],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"worker {cfg} failed:\n{p.stderr[-3000:]}")

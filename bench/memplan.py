@@ -3,7 +3,7 @@ architecture, method, precision, checkpointing setting and number of FSDP2 proce
 and without weights: the real step (train.batch_loss, AdamW, backward, clipping, the optimiser step)
 runs on fake tensors under PyTorch's memory tracker. Checked against a measured CPU step.
 
-    python bench.py --plan-memory                     # writes bench/MEMORY.md
+    python -m bench --plan-memory                     # writes bench/MEMORY.md
 
 Each setting runs in a worker process (`python memplan.py --worker JSON`, started by spawn), so that a
 fake process group and the measured peak belong to that setting alone.
@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 import distributed
-import flags
-import flat
+import methods
 import models
 import train
-import measure
-from measure import ARCHS, argv_of, machine, write_text_atomic
+from bench import measure
+from bench.measure import ARCHS, argv_of, machine, write_text_atomic
+from errors import UsageError
 from flat import IGNORE_INDEX
 
 
@@ -36,6 +36,7 @@ PLAN_METHODS = ("flat", "npo")      # FLAT alone; NPO with its frozen reference 
 PLAN_PRECISIONS = ("mixed", "bf16")
 PLAN_WORLDS = (1, 2, 4, 8)
 PLAN_LORA = (8, 16, 64)              # LoRA ranks planned for the papers' models, one process, checkpointing on
+SMALL_BATCHES = (8, 4)               # micro-batches (TOFU's is 8) planned again for the 24 GB GPU's LoRA rows
 GPU_GBS = (80, 24)                   # one 80 GB GPU (A100/H100), one 24 GB GPU (RTX 3090/4090, A10)
 HEADROOM = 0.9                       # the share of it a run can count on (CUDA context, allocator, workspaces)
 
@@ -98,7 +99,7 @@ def fsdp_allocations_in(fake_mode):
             setattr(FSDPParamGroup, n, f)
 
 
-def step_batch(method: flat.Method, vocab: int, batch: int, length: int) -> dict:
+def step_batch(method: methods.Method, vocab: int, batch: int, length: int) -> dict:
     """A fixed micro-batch of random tokens, half prompt and half answer: `batch` forget rows, and as many
     template rows when the method has a template stream."""
     g = torch.Generator().manual_seed(0)
@@ -112,7 +113,7 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
                      rows: dict | None = None) -> dict:
     """Peak memory in bytes of one unlearning step of this project (train.batch_loss, the AdamW of
     train.optimizer_and_schedule, backward, clipping, the optimiser step; the reference for methods
-    that have one, as train.training_model makes it), run on fake tensors under a memory tracker, in
+    that have one, as stages.training_model makes it), run on fake tensors under a memory tracker, in
     the current process group (a fake one of N processes: each process's share, FSDP2-sharded as
     distributed.shard does it). lora: the rank of --lora (0: full fine-tuning). rows: a real
     micro-batch ({stream: rows}) instead of step_batch's. The second of two steps is the peak: AdamW's
@@ -124,7 +125,7 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoModelForCausalLM
     compute = models.Compute("cpu", precision, gc)
-    method, params = train.FINETUNE if method_name == "finetune" else flat.LOSSES[method_name], flat.LossParams()
+    method, params = methods.FINETUNE if method_name == "finetune" else methods.LOSSES[method_name], methods.LossParams()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     if lora:  # peft moves each adapter to its layer's device by swapping parameters, which a fake tensor
         with torch.device("meta"):  # refuses: the model is built on the meta device, then given fake storage
@@ -138,8 +139,8 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
             model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
     with fake_mode:  # the parameters, and so everything computed from them, are fake
         if gc:
-            models.checkpointing(model, True)
-        ref = None  # as train.training_model makes it (a copy in the compute dtype: built anew, since
+            models.checkpointing(model, on=True)
+        ref = None  # as stages.training_model makes it (a copy in the compute dtype: built anew, since
         if method.reference:  # a fake tensor cannot be cast in place), or the model with its adapters off
             ref = models.AdaptersOff(model) if lora else models.frozen_copy(
                 AutoModelForCausalLM.from_config(config, dtype=compute.eval_dtype))
@@ -213,7 +214,7 @@ def worker_measure(cfg: dict) -> dict:
     device = cfg.get("device", "cpu")
     config = arch_config(cfg["model"])
     compute = models.Compute(device, cfg["precision"], cfg["gc"])
-    method = train.FINETUNE if cfg["method"] == "finetune" else flat.LOSSES[cfg["method"]]
+    method = methods.FINETUNE if cfg["method"] == "finetune" else methods.LOSSES[cfg["method"]]
     b = step_batch(method, config.vocab_size, cfg["batch"], cfg["length"])
     cuda = device.startswith("cuda")
     before = _reset_peak_rss() if not cuda else 0
@@ -221,7 +222,7 @@ def worker_measure(cfg: dict) -> dict:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype)
         if cfg["gc"]:
-            models.checkpointing(model, True)
+            models.checkpointing(model, on=True)
         if cfg.get("lora"):
             model = models.with_lora(model, models.Lora(cfg["lora"], 2.0 * cfg["lora"]))
         ref = None
@@ -233,7 +234,7 @@ def worker_measure(cfg: dict) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(2):
             with compute.autocast():
-                loss, _ = train.batch_loss(model, b, method, flat.LossParams(), 0, ref)
+                loss, _ = train.batch_loss(model, b, method, methods.LossParams(), 0, ref)
             loss.mean().backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -267,7 +268,7 @@ def _peak_rss() -> int:
 
 
 def plan_memory_table(args, out: Path) -> None:
-    """python bench.py --plan-memory: every row of plan_rows() at 16 forget rows (+ 16 template rows for
+    """python -m bench --plan-memory: every row of plan_rows() at 16 forget rows (+ 16 template rows for
     FLAT) x 512 tokens per process, one worker process per process-group size; and the planner checked
     against a measured CPU step of SmolLM2-135M's architecture."""
     batch, length = args.batch_size or 16, 512
@@ -281,13 +282,17 @@ def plan_memory_table(args, out: Path) -> None:
             planned += spawn(dict(kind="plan", world=world, rows=mine, batch=batch, length=length))["rows"]
             print(f"planned {len(planned)}/{len(rows)} rows", flush=True)
     planned.sort(key=lambda r: r["lora"] > 0)  # the LoRA rows last
+    # One 24 GB GPU: Llama-2-7B with bf16 weights and LoRA 16 at smaller micro-batches (TOFU's is 8 rows)
+    small_rows = [dict(model="llama2-7b", method=m, precision="bf16", gc=True, world=1, lora=16) for m in PLAN_METHODS]
+    small = {b: spawn(dict(kind="plan", world=1, rows=small_rows, batch=b, length=length))["rows"]
+             for b in SMALL_BATCHES if not args.models or "llama2-7b" in args.models}
     check = dict(model="smollm2-135m", method="flat", precision="fp32", gc=False, batch=4, length=256)
     est = spawn(dict(kind="plan", world=1, rows=[{k: check[k] for k in ("model", "method", "precision", "gc")}],
                      batch=check["batch"], length=check["length"]))["rows"][0]
     meas = spawn(dict(kind="measure", **check))
     gib = lambda b: b / 2**30  # noqa: E731
     lines = ["# Memory plan: peak memory of one unlearning step, per process\n",
-             f"`python bench.py {' '.join(argv_of(args))}` on {date.today()}, {machine('cpu')}.\n",
+             f"`python -m bench {' '.join(argv_of(args))}` on {date.today()}, {machine('cpu')}.\n",
              f"The real training step of this project (`train.batch_loss`, the AdamW of `train.optimizer_and_schedule`, "
              f"backward, clipping, the optimiser step; NPO's frozen reference model) run on fake tensors "
              f"(`FakeTensorMode`) under PyTorch's memory tracker (`MemTracker`; `FSDPMemTracker` with FSDP2 sharding "
@@ -309,13 +314,18 @@ def plan_memory_table(args, out: Path) -> None:
              "| model | method | precision | grad. ckpt | processes | LoRA | params | grads | optimizer | activations | "
              "reference | total | " + " | ".join(f"fits one {gb} GB GPU" for gb in GPU_GBS) + " |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(GPU_GBS)]
-    for r in planned:
-        lines.append(f"| {r['model']} | {r['method']} | {r['precision']} | {'on' if r['gc'] else 'off'} | {r['world']} | "
+    row = lambda r: (f"| {r['model']} | {r['method']} | {r['precision']} | {'on' if r['gc'] else 'off'} | {r['world']} | "  # noqa: E731
                      f"{r['lora'] or '-'} | {gib(r['params']):.1f} | {gib(r['grads']):.1f} | {gib(r['optimizer']):.1f} | "
                      f"{gib(r['activations']):.1f} | {gib(r['reference']):.1f} | {gib(r['total']):.1f} | "
                      + " | ".join('yes' if r['total'] <= HEADROOM * gb * 1e9 else 'no' for gb in GPU_GBS) + " |")
+    lines += [row(r) for r in planned]
+    for b, rows_b in small.items():
+        lines += ["", f"## One 24 GB GPU: micro-batch of {b} forget rows (+ {b} template rows for FLAT)", "",
+                  f"The same plan at {b} rows of {length} tokens per micro-batch"
+                  + (" (TOFU's micro-batch, --batch-size 8)" if b == 8 else "") + ".", "", *lines[4:6],
+                  *[row(r) for r in rows_b]]
     lines += ["", "## Measured on a GPU", "", "Not measured yet: no GPU was available to this work "
-              "(`python bench.py --device cuda --memory` measures the CUDA rows next to these)."]
+              "(`python -m bench --device cuda --memory` measures the CUDA rows next to these)."]
     write_text_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -351,7 +361,7 @@ def check_fits(start, method_name: str, plan, compute: models.Compute, args, wor
     n_rows, length = len(next(iter(rows.values()))), max(len(r["input_ids"]) for v in rows.values() for r in v)
     fits = [f"{flag} (about {gib:.1f} GiB)" for flag, gib in alternatives(est, compute.precision, args.lora, world,
                                                                            HEADROOM * free)]
-    raise flags.UsageError(
+    raise UsageError(
         f"this training stage needs about {est['total'] / 2**30:.1f} GiB per process on {compute.device} "
         f"(memory planner: {method_name}, {compute.precision}, checkpointing "
         f"{'on' if compute.gradient_checkpointing else 'off'}{f', LoRA {args.lora}' if args.lora else ''}, "
@@ -386,11 +396,11 @@ WORKERS = {"plan": worker_plan, "measure": worker_measure}
 
 
 def spawn(cfg: dict) -> dict:
-    """One planner worker in a fresh process (measure.spawn: the same environment as bench.py's)."""
-    return measure.spawn(cfg, Path(__file__))
+    """One planner worker in a fresh process (measure.spawn: the same environment as the benchmark's)."""
+    return measure.spawn(cfg, "bench.memplan")
 
 
 if __name__ == "__main__":
-    assert sys.argv[1] == "--worker", "usage: python bench.py --plan-memory"
+    assert sys.argv[1] == "--worker", "usage: python -m bench --plan-memory"
     cfg = json.loads(sys.argv[2])
     print(json.dumps(WORKERS[cfg.pop("kind")](cfg)))

@@ -1,0 +1,143 @@
+"""The TOFU evaluation of one model at the offline default, timed by evaluation set and by kind of work,
+with the previous implementation (evaluate.py as it was at a git revision) beside this one in the same
+run, each in a fresh process, and whether every number came out the same.
+
+    python -m bench --evaluation                         # SmolLM2-135M: bench/EVALUATION.md
+    python -m bench --evaluation --models runs/tofu-smollm2-135m-forget01/target-XXXX --before REV
+
+Kinds of work: *scoring* (answer likelihoods: one pass per batch of questions, every answer on its
+prompt's KV cache, with per-token statistics where membership inference reads them), *generation*
+(greedy answers for ROUGE) and *metrics* (the rest: ROUGE, truth ratios, membership-inference AUCs,
+memorisation). The sets are run_tofu's at the offline default (forget01 and its holdout; the first 20
+items of retain, real authors, world facts).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import evaluate
+import models
+import run_tofu
+from bench.measure import ROOT, machine, spawn, write_text_atomic
+
+BEFORE = "HEAD"  # the revision whose evaluate.py is "before" (default: the last commit)
+
+
+def previous_evaluate(rev: str):
+    """evaluate.py as it was at git revision `rev`, imported as its own module (it uses today's data,
+    models and mia modules: the comparison is of evaluate.py alone)."""
+    try:
+        text = subprocess.run(["git", "show", f"{rev}:evaluate.py"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"error: --before {rev}: cannot read evaluate.py at that revision ({e})") from None
+    path = Path(tempfile.mkdtemp(prefix="flat-eval-before-")) / "evaluate_before.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("evaluate_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker(cfg: dict) -> dict:
+    """One model's evaluation with one implementation: seconds per (set, kind), the summary and the items."""
+    impl = evaluate if cfg["impl"] == "now" else previous_evaluate(cfg["impl"])
+    args = run_tofu.resolve(run_tofu.Args(model=cfg["model"]))
+    sets = run_tofu.tofu_eval_sets(args)
+    torch.manual_seed(0)
+    model, tok = models.load_model(cfg["model"], "cpu", torch.float32)
+    style = models.prompt_style(cfg["model"], tok)
+    seconds: dict[str, float] = {}
+
+    def timed(kind: str, fn):
+        def run(*a, **k):
+            where = k.get("desc", "holdout: scoring").split(":")[0]  # evaluate names each pass by its set
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            seconds[f"{where}|{kind}"] = seconds.get(f"{where}|{kind}", 0.0) + time.perf_counter() - t
+            return out
+        return run
+    impl.answer_nll, impl.generate = timed("scoring", impl.answer_nll), timed("generation", impl.generate)
+    set_fn = impl.evaluate_tofu_set
+
+    def whole_set(model, tokenizer, style, name, *a, **k):
+        t = time.perf_counter()
+        out = set_fn(model, tokenizer, style, name, *a, **k)
+        seconds[f"{name}|all"] = time.perf_counter() - t
+        return out
+    impl.evaluate_tofu_set = whole_set
+    t = time.perf_counter()
+    summary, items = impl.evaluate_tofu(model, tok, style, sets, args.max_new_tokens, args.eval_batch_size)
+    seconds["total"] = time.perf_counter() - t
+    return {"seconds": seconds, "summary": summary, "items": items}
+
+
+def numbers(x, where=""):
+    """Every number of a result with where it is: {"forget.truth_ratio[3]": 0.52, ...}."""
+    if isinstance(x, dict):
+        return {k: v for key, val in x.items() for k, v in numbers(val, f"{where}.{key}" if where else key).items()}
+    if isinstance(x, list):
+        return {k: v for i, val in enumerate(x) for k, v in numbers(val, f"{where}[{i}]").items()}
+    return {where: x} if isinstance(x, (int, float, bool)) else ({where: x} if isinstance(x, str) else {})
+
+
+def compare(before: dict, now: dict) -> tuple[float, list[str]]:
+    """The largest difference between two results' numbers, and every key or text that differs."""
+    a, b = numbers(before), numbers(now)
+    differ = sorted(set(a) ^ set(b))
+    worst = 0.0
+    for k in set(a) & set(b):
+        if isinstance(a[k], str) or isinstance(b[k], str):
+            differ += [k] if a[k] != b[k] else []
+        elif a[k] != b[k]:
+            d = abs(float(a[k]) - float(b[k]))
+            worst = max(worst, d if np.isfinite(d) else float("inf"))
+    return worst, differ
+
+
+def table(args, out: Path) -> None:
+    name = (args.models or ["smollm2-135m"])[0]
+    rev = args.before or BEFORE
+    runs = {impl: spawn(dict(kind="evaluation", impl=impl, model=name), "bench.evaluation")
+            for impl in (rev, "now")}
+    before, now = runs[rev], runs["now"]
+    worst, differ = compare({"summary": before["summary"], "items": before["items"]},
+                            {"summary": now["summary"], "items": now["items"]})
+    lines = ["# TOFU evaluation: where the time goes\n",
+             f"`python -m bench --evaluation {' '.join(sys.argv[2:]) if args.evaluation else ''}`".replace("  ", " ")
+             + f" on {date.today()}, {machine('cpu')}. Model: {name}. *before*: evaluate.py at `{rev}` "
+             f"({git_rev(rev)}); *now*: the working tree. Each in a fresh process, one after the other.\n",
+             "| set | kind | before (s) | now (s) | speed-up |", "|---|---|---|---|---|"]
+    keys = sorted({k for r in runs.values() for k in r["seconds"] if k != "total"},
+                  key=lambda k: (["forget", "retain", "ra", "wf", "holdout"].index(k.split("|")[0]), k))
+    for k in keys:
+        s, kind = k.split("|")
+        b, n = before["seconds"].get(k, 0.0), now["seconds"].get(k, 0.0)
+        lines.append(f"| {s} | {kind} | {b:.1f} | {n:.1f} | {b / n if n else float('nan'):.2f}x |")
+    b, n = before["seconds"]["total"], now["seconds"]["total"]
+    lines.append(f"| **all** | **everything** | **{b:.1f}** | **{n:.1f}** | **{b / n:.2f}x** |")
+    same = "every number and generation equal" if worst == 0 and not differ else \
+        f"largest difference {worst:.3g}; differing keys or texts: {len(differ)} ({', '.join(differ[:5])})"
+    lines += ["", f"Numbers (summary and every item, generations included): {same}."]
+    write_text_atomic(out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def git_rev(rev: str) -> str:
+    p = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True)
+    return p.stdout.strip() or "?"
+
+
+if __name__ == "__main__":  # a worker (measure.spawn)
+    assert sys.argv[1] == "--worker", "usage: python -m bench --evaluation"
+    print(json.dumps(worker(json.loads(sys.argv[2]))))

@@ -1,0 +1,38 @@
+"""The tables a runner prints at the end (markdown), from the report it wrote (results.json)."""
+from __future__ import annotations
+
+
+def print_table(header: str, report: dict, refs: tuple[str, ...], columns: list[tuple[str, str, str]]) -> None:
+    """The run's table (markdown): the reference rows of `refs` the report has, then one row per
+    method; columns are (heading, results.json key, format), a column no row has left out. Then a line
+    per non-finite metric."""
+    rows = [(n, report[n]) for n in refs if n in report] + list(report["methods"].items())
+    columns = [c for c in columns if any(c[1] in row for _, row in rows)]
+    print(f"\n{header}")
+    print("| model | " + " | ".join(h for h, _, _ in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, row in rows:
+        print(f"| {name} | " + " | ".join(cell(row, k, f) for _, k, f in columns) + " |")
+    for w in report["warnings"]:
+        print(f"warning: not finite, written as null: {w}")
+
+
+def print_attack_tables(report: dict, columns: list[tuple[str, str, str]], note: str = "") -> None:
+    """One table per attack (report["attacks"], --attacks): each attacked model's forget metrics before
+    (its row of the main table) and after the attack."""
+    attacked = report.get("attacks") or {}
+    rows_before = {**{n: r for n, r in report.items() if isinstance(r, dict) and n in attacked}, **report["methods"]}
+    for evaluation in dict.fromkeys(e for per in attacked.values() for e in per):
+        table = {"methods": {name: {**{f"before:{k}": rows_before.get(name, {}).get(k) for _, k, _ in columns},
+                                    **per[evaluation]} for name, per in attacked.items() if evaluation in per},
+                 "warnings": []}
+        cols = [c for h, k, f in columns for c in ((f"{h} before", f"before:{k}", f), (f"{h} after", k, f))]
+        print_table(f"Attack: {evaluation}" + (f" | {note}" if note else ""), table, (), cols)
+
+
+def cell(row: dict, key: str, spec: str) -> str:
+    """A table cell: "-" for a metric the row does not have, "NaN (!)" for one that came out non-finite
+    (written as null, see finite_report)."""
+    if key not in row:
+        return "-"
+    return "NaN (!)" if row[key] is None else format(row[key], spec)
