@@ -58,7 +58,7 @@ def load_pku(data_dir: str | Path | None = None, hub: bool = False) -> tuple[lis
 def _load_pku_from_hub() -> tuple[list[dict], list[dict]]:
     """Yao et al.'s rule on the Hub release: every response labelled unsafe in the train split is a
     forget pair; the test split's prompts, with their labelled responses, are the held-out prompts."""
-    import datasets
+    import datasets  # optional: the Hub's copy only
     _require_hub("PKU-Alignment/PKU-SafeRLHF")
     forget, by_prompt = [], {}
     for split in ("train", "test"):
@@ -79,7 +79,7 @@ def load_truthfulqa(data_dir: str | Path | None = None, hub: bool = False) -> li
     """TruthfulQA as {question, answer (the best answer), correct: [...], incorrect: [...]}, from
     data_dir/TruthfulQA.csv, else the vendored copy, else (hub=True) the Hub's truthful_qa."""
     if hub:
-        import datasets
+        import datasets  # optional: the Hub's copy only
         _require_hub("truthful_qa")
         return [{"question": r["question"], "answer": r["best_answer"], "correct": list(r["correct_answers"]),
                  "incorrect": list(r["incorrect_answers"])}

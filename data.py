@@ -151,7 +151,7 @@ def _load_tofu_from_hub(config: str) -> list[dict]:
     if not hub_reachable():
         raise DataError(f"TOFU config {config!r} is not in {TOFU_DIR} and the Hugging Face Hub is unreachable; "
                         f"pass --data-dir with a copy of locuslab/TOFU as JSON Lines")
-    import datasets
+    import datasets  # optional: the Hub's copy only
     return [dict(r) for r in datasets.load_dataset("locuslab/TOFU", config, split="train")]
 
 

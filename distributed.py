@@ -84,7 +84,7 @@ def shard(model, frozen: bool = False) -> None:
     ranks (train.train), so that the result is the sum of every row's weighted gradient. A frozen
     model (the reference) reshards its root after every forward too: by default FSDP2 keeps the
     root's parameters (embeddings, LM head) gathered until backward, which a frozen model never runs."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # under torchrun only
     layers = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in layers:
@@ -99,7 +99,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def full_state_dict(model) -> dict:
     """The full, unsharded state dict on CPU (on rank 0; empty elsewhere). Every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import (
+    from torch.distributed.checkpoint.state_dict import (  # under torchrun only
         StateDictOptions,
         get_model_state_dict,
     )
@@ -107,5 +107,5 @@ def full_state_dict(model) -> dict:
 
 
 def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # under torchrun only
     return isinstance(model, FSDPModule)

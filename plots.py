@@ -75,9 +75,9 @@ def robustness(report: dict, path: Path) -> Path:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy: pictures only
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: pictures only
     return plt
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors.torch import save_file
 
 import distributed
 import errors
@@ -59,7 +60,7 @@ def setup_run(args, default_out: str) -> tuple[Path, models.Compute]:
         if models.cache_dir().is_dir():  # another process may be converting the default model right now
             remove_stale_temporaries(models.cache_dir(), older_than_s=3600)
     distributed.barrier()
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy (seconds to import): where a model or config is built
     hf_logging.disable_progress_bar()  # one progress bar per training stage is enough
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -441,7 +442,6 @@ def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) ->
 def save_adapter(path: Path, config, adapter: dict) -> None:
     """The LoRA adapter as peft saves one (adapter_config.json, adapter_model.safetensors; keys without
     the adapter's name), for PeftModel.from_pretrained(base_model, path)."""
-    from safetensors.torch import save_file
     path.mkdir()
     config.save_pretrained(path)
     save_file({k.replace(".default.", "."): v.contiguous() for k, v in adapter.items()},

@@ -135,9 +135,12 @@ def train(model, tok, plan: Plan, method: methods.Method, params: methods.LossPa
             values = torch.stack([loss.detach().float(), *(v.float() for v in diag.values())])  # (1 + D, B)
             sums = (values * m.weight).sum(1) if sums is None else sums + (values * m.weight).sum(1)
         sums = distributed.all_reduce_sum(sums).tolist()      # one sync per step; a no-op in one process
-        check_finite(sums[0], step, stage)
+        check_finite(sums[0], step, stage, settings(method, params))
         errors.stop_if_interrupted()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        # An infinite norm would scale every gradient to 0 (or NaN): a step that silently does nothing.
+        check_finite(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm), step, stage,
+                     settings(method, params), what="gradient norm")
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -160,10 +163,18 @@ def train(model, tok, plan: Plan, method: methods.Method, params: methods.LossPa
     return log, evals
 
 
-def check_finite(loss: float, step: int, stage: str) -> None:
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"{stage}: the loss is {loss} at step {step}; stopping without saving "
-                                 f"(try a lower --lr)")
+def check_finite(value: float, step: int, stage: str, loss_settings: str = "", what: str = "loss") -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{stage}: the {what} is {value} at step {step}; stopping without saving "
+                                 f"(try a lower --lr{loss_settings})")
+
+
+def settings(method: methods.Method, params: methods.LossParams | None) -> str:
+    """The loss settings a method reads, for an error that may be theirs: ", or other loss settings than
+    --beta 0.1" (nothing for fine-tuning)."""
+    read = method.read_params(params) if params is not None else {}
+    shown = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in read.items() if k not in ("divergence", "npo_retain"))
+    return f", or other loss settings than {shown}" if shown else ""
 
 
 def check_finite_weights(model, step: int, stage: str, device: str) -> None:

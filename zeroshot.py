@@ -211,7 +211,7 @@ def resolve(spec: str, data_dir: str | None = None) -> list[Task]:
 
 
 def _local_task(name: str, dirs: list[Path]) -> Task:
-    import lm_eval
+    import lm_eval  # optional and heavy: with --zero-shot only
     from lm_eval.tasks._yaml_loader import load_yaml
     t = TASKS[name]
     paths = [next(d / f for d in dirs if (d / f).exists()) for f, _ in t.files]
@@ -235,13 +235,13 @@ def _local_task(name: str, dirs: list[Path]) -> Task:
 
 def _dataset(split: str, rows: list[dict]):
     def load(**_):  # lm-eval passes the task's metadata; the data is already here
-        import datasets
+        import datasets  # optional: the Hub's copy only
         return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
     return load
 
 
 def _stock_task(name: str, data_dir: str | None) -> Task:
-    import lm_eval
+    import lm_eval  # optional and heavy: with --zero-shot only
     where = f"{data_dir} or {TASK_DIR}" if data_dir else str(TASK_DIR)
     if name not in _task_manager(stock=True).all_tasks:
         raise UsageError(f"--zero-shot: unknown task {name!r}; local tasks: {', '.join(TASKS)}; "
@@ -258,7 +258,7 @@ _MANAGERS: dict = {}
 
 def _task_manager(stock: bool):
     """lm-eval's task index: the full one (about 6 s to build) only when a stock task is named."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # optional and heavy: with --zero-shot only
     if stock not in _MANAGERS:
         _MANAGERS[stock] = TaskManager(include_defaults=stock)
     return _MANAGERS[stock]
@@ -279,7 +279,7 @@ def zero_shot(model, tok, tasks: list[Task], limit: int | None = None) -> dict:
     zeroshot_TASK_norm (acc_norm, where lm-eval reports it), zeroshot_TASK_items, zeroshot_mean (of acc)},
     "items": {TASK: {doc_id, target, loglikelihoods (one per choice, summed over the continuation's
     tokens), acc}}}."""
-    import lm_eval
+    import lm_eval  # optional and heavy: with --zero-shot only
     from lm_eval.models.huggingface import HFLM
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=BATCH_SIZE)

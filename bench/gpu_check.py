@@ -105,7 +105,7 @@ def environment(dry_run: bool) -> list[str]:
             subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *map(str, wheels)],
                            check=True, capture_output=True)
             installed = [w.name for w in wheels]
-    import torch
+    import torch  # after environment() installed peft's carried wheels
     import transformers
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
     for name in ("peft", "accelerate", "datasets"):
@@ -119,7 +119,7 @@ def environment(dry_run: bool) -> list[str]:
 
 def random_model(tmp: Path, dry_run: bool) -> Path:
     """A random-weight model of SmolLM2-135M's configuration (dry run: 2 narrow layers) with its tokenizer."""
-    import torch
+    import torch  # after environment() installed peft's carried wheels
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     config = AutoConfig.from_pretrained(SMOLLM2)
     if dry_run:
@@ -178,6 +178,7 @@ def bench_part(dry_run: bool, tmp: Path) -> list[str]:
 
 def tiny_dir(tmp: Path, kind: str) -> Path:
     """A tiny random model of `kind` saved with SmolLM2's tokenizer (dry run only)."""
+    # after environment() installed peft's carried wheels
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig
     path = tmp / f"tiny-{kind}"
     if not path.exists():

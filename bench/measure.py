@@ -28,12 +28,13 @@ ARCHS = {
 }
 
 
-def spawn(cfg: dict, module: str) -> dict:
+def spawn(cfg: dict, module: str, exact_peak: bool = True) -> dict:
     """Run one measurement in a fresh process (`python -m MODULE --worker JSON`, from the repository)
-    and return its JSON result. glibc's malloc serves every
-    allocation above 128 KiB with mmap there, so a freed tensor leaves the resident set at once and the
-    process's high-water mark (peak_memory_gb on CPU, memplan.worker_measure) is the peak of live memory."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    and return its JSON result. With exact_peak, glibc's malloc serves every allocation above 128 KiB
+    with mmap there, so a freed tensor leaves the resident set at once and the process's high-water
+    mark (peak_memory_gb on CPU, memplan.worker_measure) is the peak of live memory; that costs time
+    (each large allocation is fresh pages), so a measurement of time alone passes exact_peak=False."""
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if exact_peak else {})}
     p = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(cfg)],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     if p.returncode != 0:

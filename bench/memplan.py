@@ -79,7 +79,7 @@ def fsdp_allocations_in(fake_mode):
     resharding) inside the fake mode, so that its buffers are fake as well. The rest of the step runs
     outside it: the parameters are fake, so everything computed from them is, while the batch's token
     ids and masks stay real and the step's Python-level checks on them work as in a real run."""
-    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup  # under torchrun only
     names = ["lazy_init", "unshard", "wait_for_unshard", "reshard", "pre_forward", "post_forward", "pre_backward",
              "post_backward", "finalize_backward", "_prefetch_unshard", "_backward_prefetch"]
     saved = {n: FSDPParamGroup.__dict__[n] for n in names}
@@ -120,7 +120,7 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
     moments exist from the first.
     Returns {params, grads, optimizer, activations (and temporaries, gathered parameters and
     communication buffers), reference, total}."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode  # the planner only
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoModelForCausalLM
@@ -181,7 +181,7 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
 
 def worker_plan(cfg: dict) -> dict:
     """Plan every row of one process-group size (a fake group of cfg["world"] processes)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # the planner only
     world = cfg["world"]
     if world > 1:
         torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
@@ -198,7 +198,7 @@ def worker_plan(cfg: dict) -> dict:
 def arch_config(name):
     """The transformers config of an architecture of ARCHS, of a model (alias or directory; its config
     only), or of a spec [kind, fields] ("opt" or "llama") such as the entries of ARCHS."""
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, OPTConfig  # heavy (seconds to import): where a model or config is built
     if isinstance(name, str) and name not in ARCHS:
         return models.model_config(name)
     kind, cfg = ARCHS[name] if isinstance(name, str) else name
@@ -210,7 +210,7 @@ def worker_measure(cfg: dict) -> dict:
     (getrusage's high-water mark) above what it held before the model was built; on CUDA
     (cfg["device"]) torch.cuda.max_memory_allocated, the model built on the GPU. cfg["lora"]: --lora's
     rank. An out-of-memory error gives {"measured": None}."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy (seconds to import): where a model or config is built
     device = cfg.get("device", "cpu")
     config = arch_config(cfg["model"])
     compute = models.Compute(device, cfg["precision"], cfg["gc"])

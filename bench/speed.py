@@ -128,7 +128,7 @@ def reference_answer_nll(model, tokenizer, style, questions, answers, rows_per_b
 @torch.no_grad()
 def reference_generate(model, tokenizer, style, questions, max_new_tokens=FIXED_NEW_TOKENS, batch_size=32):
     """Generation to a fixed number of new tokens (no stop at EOS), text cut at EOS afterwards."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # heavy (seconds to import): where a model or config is built
     prompts = [data.encode_prompt(tokenizer, style, q) for q in questions]
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -160,6 +160,7 @@ def load(name: str, device: str, dtype, gc: bool):
         model, tok = models.load_model(name, device, dtype)
         models.checkpointing(model, on=gc)
         return model, tok
+    # heavy (seconds to import): where a model or config is built
     from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
     kind, cfg = ARCHS[name]
     config = (OPTConfig if kind == "opt" else LlamaConfig)(**cfg)

@@ -157,3 +157,101 @@ def test_evaluate_tofu_reports_every_key(tiny):
                             *evaluate.UTILITY_KEYS}
     assert all(np.isfinite(v) for v in summary.values())
     assert len(logs["forget"]["truth_ratio"]) == 4 and len(logs["ra"]["perturbed_nll"][0]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast evaluation (finished rows leave a generation batch; per-token statistics of the first
+# answers only) against the previous path, item by item
+# ---------------------------------------------------------------------------------------------
+
+class CountingModel(torch.nn.Module):
+    """A stub causal LM with known logits: after token t comes (t + 1) mod V, except that EOS follows a
+    token >= `stop` (each row's prompt decides how long it runs). Left padding is ignored through the
+    attention mask, as a real model ignores it; the cache only records the batch it holds."""
+
+    class Cache:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def batch_select_indices(self, idx):
+            self.rows = self.rows[idx.cpu()]
+
+    def __init__(self, vocab=40, eos=2, stop=30):
+        super().__init__()
+        self.vocab, self.eos, self.stop, self.calls = vocab, eos, stop, []
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=True, logits_to_keep=1, cache=None, **_):
+        self.calls.append(input_ids.shape[0])
+        cache = cache or self.Cache(torch.arange(input_ids.shape[0]))
+        assert len(cache.rows) == input_ids.shape[0]                    # the cache holds exactly the live rows
+        last = input_ids[:, -1]
+        nxt = torch.where(last >= self.stop, torch.full_like(last, self.eos), (last + 1) % self.vocab)
+        logits = torch.full((input_ids.shape[0], 1, self.vocab), -10.0)
+        logits[torch.arange(len(nxt)), 0, nxt] = 10.0
+        return type("Out", (), {"logits": logits, "cache": cache})()
+
+
+def test_generation_stops_each_row_at_its_eos_or_cap_and_drops_it_from_the_batch():
+    """Known answers: a prompt ending in t continues t+1, t+2, ... up to `stop`, then EOS. Prompts of
+    different lengths (left padding), 5 prompts in batches of 2 (the last batch not full), a cap that
+    cuts one row, and an empty generation (a prompt whose next token is EOS)."""
+    model, tok = CountingModel(), type("Tok", (), {"pad_token_id": 0, "eos_token_id": 2})()
+    prompts = [[5, 27], [9, 9, 9, 29], [31], [12, 20], [3, 25]]       # 31 >= stop: EOS at once
+    caps = [10, 10, 10, 4, 10]
+    got = evaluate.generate_ids(model, tok, prompts, caps, batch_size=2)
+    assert got == [[28, 29, 30], [30], [], [21, 22, 23, 24], [26, 27, 28, 29, 30]]
+    # finished rows leave: the rows of each forward pass, batch by batch (prompts by length: [31] with
+    # [5, 27]; [12, 20] with [3, 25]; [9, 9, 9, 29]). Without leaving, every pass would hold 2 rows.
+    assert model.calls == [2, 1, 1, 1] + [2, 2, 2, 2, 1, 1] + [1, 1]
+
+
+def test_generation_equals_transformers_generate_on_every_row(tiny):
+    """The loop that drops finished rows gives model.generate's greedy texts: questions of different
+    lengths, a batch size that does not divide them, a cap shorter than some answers."""
+    model, tok = tiny
+    prompts = [data.encode_prompt(tok, "base", r["question"]) for r in data.load_tofu("forget01")[:7]]
+    for cap in (3, 12):
+        got = evaluate.generate_ids(model, tok, prompts, cap, batch_size=3)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for s in range(0, len(order), 3):
+            idx = order[s:s + 3]
+            b = data.collate([{"input_ids": prompts[i]} for i in idx], tok.pad_token_id)
+            gen = model.generate(**b, max_new_tokens=cap, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)[:, b["input_ids"].shape[1]:].tolist()
+            for i, row in zip(idx, gen):
+                want = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+                assert got[i] == want, (cap, i, got[i], want)
+
+
+def test_token_statistics_of_first_answers_equal_those_scored_alone(tiny):
+    """details=True computes per-token statistics for each item's first answer only (membership inference
+    reads no other): they equal the first answer scored alone, and the other answers' NLLs equal a pass
+    without details, answers of one token and of many in the same batch."""
+    model, tok = tiny
+    rows = data.load_tofu("forget01_perturbed")[:5]
+    qs = [r["question"] for r in rows]
+    answers = [[r["answer"], "Yes", *r["perturbed_answer"][:2]] for r in rows]      # "Yes": one token and EOS
+    fast = evaluate.answer_nll(model, tok, "base", qs, answers, rows_per_batch=6, details=True)
+    plain = evaluate.answer_nll(model, tok, "base", qs, answers, rows_per_batch=6)
+    alone = evaluate.answer_nll(model, tok, "base", qs, [[a[0]] for a in answers], rows_per_batch=1, details=True)
+    for f, p, a in zip(fast, plain, alone):
+        assert isinstance(f[0], dict) and all(isinstance(x, float) for x in f[1:])
+        assert f[1:] == p[1:] and abs(f[0]["nll"] - p[0]) == 0
+        for key in ("logp", "z"):
+            np.testing.assert_allclose(f[0][key], a[0][key], rtol=0, atol=1e-5)
+        assert f[0]["hit"] == a[0]["hit"]
+
+
+def test_an_evaluation_does_not_depend_on_the_models_evaluated_before_it(tiny, tiny_model_dir):
+    model, tok = tiny
+    other, _ = models.load_model(tiny_model_dir, device="cpu")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sets = {"forget": data.load_tofu("forget01_perturbed")[:3], "holdout": data.load_tofu("holdout01")[:3],
+            "ra": data.load_tofu("real_authors_perturbed")[:3]}
+    first = evaluate.evaluate_tofu(model, tok, "base", sets, max_new_tokens=6, batch_size=4)
+    evaluate.evaluate_tofu(other, tok, "base", sets, max_new_tokens=6, batch_size=4)
+    again = evaluate.evaluate_tofu(model, tok, "base", sets, max_new_tokens=6, batch_size=4)
+    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
