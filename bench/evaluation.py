@@ -88,7 +88,7 @@ def numbers(x, where=""):
         return {k: v for key, val in x.items() for k, v in numbers(val, f"{where}.{key}" if where else key).items()}
     if isinstance(x, list):
         return {k: v for i, val in enumerate(x) for k, v in numbers(val, f"{where}[{i}]").items()}
-    return {where: x} if isinstance(x, (int, float, bool)) else ({where: x} if isinstance(x, str) else {})
+    return {where: x} if isinstance(x, (int, float, bool, str)) else {}
 
 
 def compare(before: dict, now: dict) -> tuple[float, list[str]]:
@@ -114,8 +114,7 @@ def table(args, out: Path) -> None:
     worst, differ = compare({"summary": before["summary"], "items": before["items"]},
                             {"summary": now["summary"], "items": now["items"]})
     lines = ["# TOFU evaluation: where the time goes\n",
-             f"`python -m bench --evaluation {' '.join(sys.argv[2:]) if args.evaluation else ''}`".replace("  ", " ")
-             + f" on {date.today()}, {machine('cpu')}. Model: {name}. *before*: evaluate.py at `{rev}` "
+             f"`python -m bench {' '.join(sys.argv[1:])}` on {date.today()}, {machine('cpu')}. Model: {name}. *before*: evaluate.py at `{rev}` "
              f"({git_rev(rev)}); *now*: the working tree. Each in a fresh process, one after the other.\n",
              "| set | kind | before (s) | now (s) | speed-up |", "|---|---|---|---|---|"]
     for r in runs.values():  # metrics: what a set's evaluation spends beyond its two model passes
