@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import types
 import typing
@@ -20,6 +21,7 @@ from typing import Callable, NamedTuple
 import distributed
 import methods
 import models
+import protocol
 from errors import NON_NEGATIVE, POSITIVE, Check, UnknownName, UsageError
 
 STAGES = ("finetune", "unlearn", "eval", "attack", "zeroshot")
@@ -50,22 +52,27 @@ LORA = Switch("--lora R", lambda a: a.lora > 0)
 RELEARN = Switch("--attacks relearn (or all)", _attack_named("relearn"))
 QUANT = Switch("--attacks quant8 or quant4 (or all)", _attack_named("quant8", "quant4"))
 ZERO_SHOT = Switch("--zero-shot TASKS", lambda a: a.zero_shot not in ("", "none"))
+SEEDS = Switch("--seeds S,S,... (the selection seeds)", lambda a: bool(a.seeds))
+# a comparison: several learning rates or seeds per method (protocol.py); on the flags as given
+GRID = Switch("a grid: --lr A,B,... or --seeds S,S,...", lambda a: isinstance(a.lr, tuple) or bool(a.seeds))
 
 
 def arg(default, help: str, only: tuple | None = None, check: Check | None = None, keyed: Callable | None = None,
-        needs: Switch | None = None):
+        needs: Switch | None = None, grid: bool = False):
     """A flag: a dataclass field with its one-line help. only: the stages (STAGES) whose output the
     flag changes, for stage keys; None means every stage (the safe default: a flag wrongly left
     in a key costs a cache miss, one wrongly left out a stale result). check: its valid range.
     keyed(args): whether the flag is in keys at all (a feature's flags only while it is on, so
     that adding the feature renamed no stage of a run without it). needs: the feature the flag
-    belongs to; set while that feature is off, it would do nothing, and is refused (check_switches)."""
+    belongs to; set while that feature is off, it would do nothing, and is refused (check_switches).
+    grid: the flag also takes a comma list (--lr 1e-4,3e-4: one run per value, protocol.py); one value
+    stays a number, so that a run without a grid reads and keys it as before."""
     unknown = set(only or ()) - set(STAGES)
     if unknown:  # a typo here would leave the flag out of its stage's key: a stale cache, silently
         raise ValueError(f"flag {help[:40]!r}: only={only} names no stage {sorted(unknown)}; "
                          f"stages: {', '.join(STAGES)}")
     return dataclasses.field(default=default, metadata={"help": help, "only": only, "check": check, "keyed": keyed,
-                                                        "needs": needs})
+                                                        "needs": needs, "grid": grid})
 
 
 TRAINING = ("finetune", "unlearn", "attack")  # the stages that train a model
@@ -92,7 +99,13 @@ class RunArgs(methods.LossParams):
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward (default: on for CUDA)",
                                               only=())
     trust_remote_code: bool = arg(False, "allow model code from the Hub", only=())
-    seed: int = arg(0, "seed of data order and random draws", check=SEED)
+    seed: int = arg(0, "seed of data order and random draws (of every stage; with --seeds, of the fine-tuning "
+                       "and the attacks)", check=SEED)
+    seeds: str = arg("", "a comparison's selection seeds, a comma list: every method x --lr x seed is an "
+                         "unlearning run from the same fine-tuned model (docs/claims.md)", only=())
+    confirm_seeds: str = arg("", "fresh seeds (none of --seeds) on which each method's learning rate chosen by "
+                                 "the selection rule is rerun; only these runs are the reported result", only=(),
+                             needs=SEEDS)
     log_every: int = arg(5, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
     attacks: str = arg("none", "after evaluation, attack every unlearned model and the one that never saw the data: "
                                "relearn, quant8, quant4, prompt (paraphrase and jailbreak, where the data has "
@@ -139,7 +152,9 @@ def parse_args(cls, argv=None):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "from the model's preset" if default is None else repr(default)
         kwargs = dict(default=default, dest=f.name, help=f"{f.metadata.get('help', '')} (default: {shown})")
-        if typ is bool:
+        if f.metadata.get("grid"):
+            kwargs.update(type=str)  # a number or a comma list, read by _grid_value below
+        elif typ is bool:
             kwargs.update(type=_boolean, nargs="?", const=True)
         elif typing.get_origin(typ) is list:  # --text A B and --text A --text B both give [A, B]
             kwargs.update(type=typing.get_args(typ)[0], nargs="+", action="extend")
@@ -150,7 +165,16 @@ def parse_args(cls, argv=None):
     args, rest = parser.parse_known_args(argv)
     if rest:
         parser.error(f"unknown arguments {rest}")
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("grid") and isinstance(getattr(args, f.name), str):
+            setattr(args, f.name, _grid_value(getattr(args, f.name), f))
     return cls(**vars(args))
+
+
+def _grid_value(text: str, f: dataclasses.Field):
+    """A grid flag's value: one number as a float, a comma list as a tuple of floats (each checked)."""
+    values = protocol.numbers(text, float, f.name.replace("_", "-"), f.metadata.get("check"))
+    return values[0] if len(values) == 1 else values
 
 
 def _boolean(text: str) -> bool:
@@ -169,9 +193,10 @@ def validate(args) -> None:
         if check is None or value is None:
             continue
         ok, says = check  # a Check, or flat's (test, text) pair for the loss hyperparameters
-        bad_number = isinstance(value, float) and not math.isfinite(value)
-        if bad_number or not ok(value):
-            raise UsageError(f"--{f.name.replace('_', '-')} {value}: must be {says}")
+        for v in value if isinstance(value, tuple) else (value,):  # a grid flag's list: every entry
+            bad_number = isinstance(v, float) and not math.isfinite(v)
+            if bad_number or not ok(v):
+                raise UsageError(f"--{f.name.replace('_', '-')} {v}: must be {says}")
 
 
 def given(args, f: dataclasses.Field) -> bool:
@@ -208,6 +233,7 @@ def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | Non
         args = resolve(args)
     validate(args)
     methods.DIVERGENCES.check(args.divergence)
+    grid(args)
     variants(args)
     models.check_name(args.model, args.trust_remote_code)
     if args.lora:
@@ -219,8 +245,13 @@ def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | Non
                          f"included")
     if args.eval_every and distributed.launched():
         raise UsageError("--eval-every runs in one process only (evaluation is not sharded)")
+    if grid(args).on and distributed.launched():
+        raise UsageError("a comparison (--lr A,B,... or --seeds) runs in one process: its confirmation runs are "
+                         "chosen after the evaluations, which are not sharded")
     if args.out:
         check_out_dir(Path(args.out), args)
+    if grid(args).on:
+        check_grid_disk(args)
     if check is not None:
         check(args)
     return args
@@ -258,6 +289,21 @@ def check_out_dir(out: Path, args=None) -> None:
         raise UsageError(f"--out {out}: {p} is not writable")
 
 
+def check_grid_disk(args) -> None:
+    """A comparison saves one model per unlearning run (selection and confirmation): refused up front
+    when they would not fit the free space where the run directory is (or would be)."""
+    runs = grid(args).size(len(variants(args)))
+    each = models.saved_bytes(args.model, args.precision, args.trust_remote_code)
+    p = Path(args.out or ".").resolve()
+    while not p.exists():
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    if runs * each > free:
+        raise UsageError(f"the grid saves {runs} unlearned models of about {each / 1e9:.2f} GB each, "
+                         f"{runs * each / 1e9:.1f} GB, and {p} has {free / 1e9:.1f} GB free: fewer learning rates, "
+                         f"seeds or methods, or another --out")
+
+
 def lora(args) -> models.Lora | None:
     """--lora and its settings (None when off); alpha defaults to twice the rank."""
     if not args.lora:
@@ -275,6 +321,12 @@ def fill_defaults(args, defaults: dict):
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def grid(args) -> protocol.Grid:
+    """The run's learning rates and seeds (protocol.Grid): one cell per method unless --lr is a list or
+    --seeds is given."""
+    return protocol.grid_of(args, LEARNING_RATE, SEED)
 
 
 class Variant(NamedTuple):

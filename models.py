@@ -240,10 +240,7 @@ def check_lora(name: str, lora: Lora, trust_remote_code: bool = False) -> None:
     error comes only after the weights load), and the rank must not exceed min(in, out) of every
     targeted layer (B A has rank min(in, out) at most: such adapters only waste memory). A rank whose
     adapters hold more numbers than a layer itself, r (in + out) > in out, is said in one warning line."""
-    from transformers import AutoModelForCausalLM  # heavy (seconds to import): where a model or config is built
-    config = model_config(name, trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(name, trust_remote_code)
     output = model.get_output_embeddings()
     linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not output}
     if lora.targets == "all-linear":
@@ -267,6 +264,20 @@ def check_lora(name: str, lora: Lora, trust_remote_code: bool = False) -> None:
     if larger:
         print(f"warning: --lora {lora.r}: the adapters of {len(larger)} of the {len(targeted)} targeted layers hold "
               f"more numbers than the layers themselves (e.g. {larger[0]}); a smaller rank trains less", flush=True)
+
+
+def meta_model(name: str, trust_remote_code: bool = False):
+    """The model built from its config on the meta device: its modules and shapes, no weights, no memory."""
+    from transformers import AutoModelForCausalLM  # heavy (seconds to import): where a model or config is built
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config(name, trust_remote_code), trust_remote_code=trust_remote_code)
+
+
+def saved_bytes(name: str, precision: str, trust_remote_code: bool = False) -> int:
+    """About what one saved copy of the model takes on disk: its distinct parameters (tied ones once)
+    in the weights dtype of `precision` (bf16: 2 bytes; fp32 and mixed keep fp32 weights: 4)."""
+    params = sum(p.numel() for p in meta_model(name, trust_remote_code).parameters())  # parameters() skips tied copies
+    return params * (2 if precision == "bf16" else 4)
 
 
 def with_lora(model, lora: Lora):

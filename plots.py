@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import protocol
+
 # What each benchmark's trade-off plots: x = forgetting, y = utility, and the rows drawn as references.
 AXES = {
     "tofu": dict(x="forget_quality", y="model_utility", xlog=True, refs=("target", "retain"),
@@ -35,11 +37,86 @@ ATTACK_METRIC = {"tofu": ("forget_Q_A_Prob", "forget answer probability"),
                  "hallucination": ("hallucination_rate_seen", "hallucination rate on the forget questions")}
 
 
+# What frontier.png's right panel follows during unlearning (--eval-every), per method at its chosen
+# learning rate: TOFU's forget and retain answer probabilities; elsewhere the trade-off's two axes.
+WATCHED = {"tofu": (("forget_Q_A_Prob", "forget P"), ("retain_Q_A_Prob", "retain P"))}
+
+
 def draw_all(report: dict, out_dir: Path) -> list[Path]:
-    """tradeoff.png and curves.png next to results.json, and robustness.png after --attacks."""
+    """tradeoff.png and curves.png next to results.json, robustness.png after --attacks and frontier.png
+    after a comparison (a grid of learning rates or seeds)."""
     out_dir = Path(out_dir)
     drawn = [tradeoff(report, out_dir / "tradeoff.png"), curves(report, out_dir / "curves.png")]
-    return drawn + ([robustness(report, out_dir / "robustness.png")] if report.get("attacks") else [])
+    drawn += [robustness(report, out_dir / "robustness.png")] if report.get("attacks") else []
+    return drawn + ([frontier(report, out_dir / "frontier.png")] if report.get("comparison") else [])
+
+
+def frontier(report: dict, path: Path) -> Path:
+    """A comparison (report["comparison"]): every (method, learning rate) of the selection, its bar metric
+    against its objective, mean over the selection seeds with ± sd bars, joined in learning-rate order;
+    the bar drawn, each method's chosen point ringed (a cross when it failed the bar). Right, when the
+    runs were watched (--eval-every): the watched metrics against the step of each method's first
+    confirmation run."""
+    plt = _pyplot()
+    c, ax_spec = report["comparison"], AXES[report["benchmark"]]
+    x_key, bar = c["objective"], c["bars"][0]
+    y_key = bar["metric"]
+    watched = WATCHED.get(report["benchmark"], ((x_key, x_key), (y_key, y_key)))
+    confirm_seed = c["confirm_seeds"][0] if c["confirm_seeds"] else None
+    evals = {m: (report.get("training", {}).get(protocol.cell_label(m, ch["lr"], confirm_seed), {}).get("evals") or [])
+             for m, ch in c["chosen"].items() if ch["lr"] is not None and confirm_seed is not None}
+    panels = 1 + any(evals.values())
+    fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 5.5), dpi=100, squeeze=False)
+    ax, colors = axes[0][0], plt.get_cmap("tab10")
+    for i, (method, per_lr) in enumerate(c["spread"].items()):
+        pts = [(float(lr), m[x_key], m[y_key]) for lr, m in per_lr.items()
+               if m[x_key]["mean"] is not None and m[y_key]["mean"] is not None]
+        if not pts:
+            continue
+        color = colors(i % 10)
+        ax.errorbar([p[1]["mean"] for p in pts], [p[2]["mean"] for p in pts],
+                    xerr=[p[1]["sd"] or 0 for p in pts], yerr=[p[2]["sd"] or 0 for p in pts],
+                    fmt="-o", color=color, markersize=4, linewidth=1, capsize=2, label=method)
+        for lr, xm, ym in pts:
+            ax.annotate(f"{lr:g}", (xm["mean"], ym["mean"]), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                        color=color)
+        chosen = c["chosen"][method]
+        if chosen["lr"] is not None and f"{chosen['lr']:g}" in per_lr:
+            m = per_lr[f"{chosen['lr']:g}"]
+            if m[x_key]["mean"] is not None and m[y_key]["mean"] is not None:
+                ax.scatter(m[x_key]["mean"], m[y_key]["mean"], s=200, facecolors="none" if chosen["passed"] else color,
+                           edgecolors=color, marker="o" if chosen["passed"] else "x", linewidths=2, zorder=4)
+    level = {"ratio>=": bar["threshold"] * bar["reference"], "ratio<=": bar["threshold"] * bar["reference"]}.get(
+        bar["kind"], bar["reference"])
+    says = f"{bar['threshold']:g} x" if bar["kind"] != "within" else f"within {bar['threshold']:g} of"
+    ax.axhline(level, color="black", linestyle="--", linewidth=1,
+               label=f"the bar: {bar['kind'][-2:] if bar['kind'] != 'within' else ''} {says} the reference's "
+                     f"{bar['reference']:.3g}")
+    if ax_spec["xlog"] and x_key == ax_spec["x"]:
+        ax.set_xscale("log")
+    ax.set_xlabel(ax_spec["xlabel"] if x_key == ax_spec["x"] else x_key, fontsize=9)
+    ax.set_ylabel(ax_spec["ylabel"] if y_key == ax_spec["y"] else y_key, fontsize=9)
+    ax.set_title(f"every learning rate (mean ± sd over seeds {', '.join(map(str, c['seeds']))}); "
+                 f"ringed: chosen, x: failed the bar", fontsize=9)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    if panels == 2:
+        right = axes[0][1]
+        for i, method in enumerate(c["spread"]):
+            for (key, name), style in zip(watched, ("-", "--")):
+                pts = [(e["step"], e[key]) for e in evals.get(method, []) if e.get(key) is not None]
+                if pts:
+                    right.plot(*zip(*pts), style, color=colors(i % 10), marker=".", label=f"{method}: {name}")
+        right.set_xlabel("optimiser step", fontsize=9)
+        right.set_ylabel(" / ".join(name for _, name in watched), fontsize=9)
+        right.set_title(f"at the chosen learning rate, seed {confirm_seed} (--eval-every)", fontsize=9)
+        right.grid(True, alpha=0.3)
+        right.legend(fontsize=7, loc="best", ncol=2)
+    fig.suptitle(f"{report.get('title', report['benchmark'])}: {c['rule']}", fontsize=8, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
 
 
 def robustness(report: dict, path: Path) -> Path:

@@ -23,6 +23,7 @@ if __name__ == "__main__":  # a Ctrl-C while the libraries import: one line and 
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -35,6 +36,7 @@ import flags
 import judges
 import methods
 import models
+import protocol
 import stages
 import tables
 import train
@@ -57,7 +59,12 @@ class Args(flags.RunArgs):
     forget_items: Optional[int] = arg(None, "use the first N forget pairs (default: all)", check=AT_LEAST_1)
     steps: Optional[int] = arg(None, "unlearning optimiser steps (the forget pairs are shuffled and cycled)",
                                only=("unlearn",), check=AT_LEAST_1)
-    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=LEARNING_RATE)
+    lr: Optional[float] = arg(None, "unlearning learning rate, or a comma list of them: a comparison of methods, "
+                                    "each at its own learning rate (docs/claims.md)", only=("unlearn",),
+                              check=LEARNING_RATE, grid=True)
+    nll_bar: float = arg(1.1, "a comparison's selection rule: a learning rate qualifies when its mean TruthfulQA "
+                              "answer NLL is at most this times the original model's (protocol.HARMFUL)", only=(),
+                         check=flags.POSITIVE, needs=flags.GRID)
     batch_size: Optional[int] = arg(None, "forget pairs per micro-batch", check=AT_LEAST_1)
     grad_accum: int = arg(1, "micro-batches per optimiser step", check=AT_LEAST_1)
     finetune_epochs: Optional[int] = arg(None, "first fine-tune the base model on the forget pairs (0: no)",
@@ -143,32 +150,61 @@ def main(argv=None) -> dict:
     # -- 2. unlearning: --steps optimiser steps over the shuffled, cycled forget pairs, one model per method
     ev = Evaluation(run, task, d, original, eval_sets, references)
     steps = min(args.steps, args.max_steps or args.steps)
-    unlearned = {}
-    for label, method, params in flags.variants(args):
+
+    def unlearn(cell: protocol.Cell) -> Path:
+        label, method, params = cell.variant
         # llmu's second answer is Yao et al.'s random normal (TruthfulQA) answer; flat, idk and dpo answer
         # with a refusal ("I don't know" for hallucinations)
         templates = {"refusal": d["refusals"], "random": corpora.random_answers(tqa_train), None: None}[method.template]
         normal = tqa_train if method.needs_retain(params) else None
-        path = unlearned[label] = run.stage(
-            "unlearn", label, original=original, method=method.name, params=method.read_params(params),
-            steps_taken=steps, rows=data.digest(forget, normal, templates), eval_key=ev.key if args.eval_every else None)
+        cell_args = cell.args(args)  # its learning rate and seed (in a grid, --eval-every on the confirmation runs only)
+        path = run.stage("unlearn", cell.label, cell_args, original=original, method=method.name,
+                         params=method.read_params(params), steps_taken=steps, rows=data.digest(forget, normal, templates),
+                         eval_key=ev.key if cell_args.eval_every else None)
         if run.missing(path):
-            run.fit(path, original, method, params, lr=args.lr, max_steps=steps,
-                      progress=ev.progress if args.eval_every else None, epochs=(
-                          data.unlearning_epoch(tok, style, forget, templates, normal, run.rows_per_step, rng,
-                                                args.max_answer_tokens)
-                          for rng in data.epoch_rngs(math.ceil(args.steps * run.rows_per_step / len(forget)), args.seed)))
+            run.fit(path, original, method, params, lr=cell.lr, max_steps=steps, args=cell_args,
+                    progress=ev.progress if cell_args.eval_every else None, epochs=(
+                        data.unlearning_epoch(tok, style, forget, templates, normal, run.rows_per_step, rng,
+                                              args.max_answer_tokens)
+                        for rng in data.epoch_rngs(math.ceil(args.steps * run.rows_per_step / len(forget)), cell.seed)))
+        return path
+
+    grid, variants = flags.grid(args), flags.variants(args)
+    base = args.model if args.eval_base and args.finetune_epochs else None
+    if grid.on:  # a line per unlearning and evaluation stage: done / total, time, estimate left
+        run.track(2 * grid.size(len(variants)) + 1 + bool(base))
+    unlearned = {}
+    for cell in grid.cells(variants):
+        unlearned[cell.label] = unlearn(cell)
+        if grid.on:  # a grid's runs evaluated as they finish: an interrupted grid leaves readable results
+            ev(cell.label, unlearned[cell.label])
     if not run.is_main:
         return {}  # under torchrun, rank 0 alone evaluates
 
     # -- 3. each model's replies, judged and scored ---------------------------------------------------------
-    models_to_eval = {"base": args.model if args.eval_base and args.finetune_epochs else None,
-                      "original": original, **unlearned}
+    models_to_eval = {"base": base, "original": original, **unlearned}
     results = {name: ev(name, path) for name, path in models_to_eval.items() if path}
     zeroshot.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
+
+    # -- 4. a comparison (a grid): per method the learning rate protocol.HARMFUL (HALLUCINATION) picks on the
+    #       selection seeds, rerun on --confirm-seeds; those reruns alone are the result (docs/claims.md)
+    compared = {}
+    if grid.on:
+        rule, thresholds = protocol.RULES[args.task], {"nll_bar": args.nll_bar}
+        reference, summaries = results["original"]["summary"], {name: r["summary"] for name, r in results.items()}
+        chosen = protocol.select(rule, protocol.by_method(grid.cells(variants), summaries), reference, thresholds)
+        confirm = grid.confirmations(variants, chosen)
+        confirmed = {cell.label: unlearn(cell) for cell in confirm}
+        results.update({name: ev(name, path) for name, path in confirmed.items()})
+        zeroshot.add_zero_shot(run, results, confirmed)
+        unlearned.update(confirmed)
+        summaries = {name: r["summary"] for name, r in results.items()}
+        compared = {"comparison": protocol.comparison(
+            rule, chosen, protocol.by_method(grid.cells(variants), summaries), protocol.by_method(confirm, summaries),
+            reference, thresholds, grid)}
     attacked = robustness(run, {"original": original, **unlearned}, ev, forget, tok, style)  # --attacks
     report = run.finish(results, unlearned, {"original": original}, judge=ev.judge.about, benchmark=args.task,
-                        title=f"{args.task} | {args.model}", **attacked)
+                        title=f"{args.task} | {args.model}", **attacked, **compared)
     print_table(report, args)
     return report
 
@@ -412,6 +448,7 @@ def print_table(report: dict, args: Args) -> None:
                        task.table + UTILITY + [zeroshot.COLUMN])
     zeroshot.print_table(report, ("base", "original"))
     tables.print_attack_tables(report, [task.table[0], ("refusal seen", "refusal_seen", ".1%")])
+    tables.print_comparison(report, task.table + UTILITY + [zeroshot.COLUMN])
 
 
 if __name__ == "__main__":

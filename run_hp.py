@@ -40,6 +40,7 @@ import flags
 import methods
 import mia
 import models
+import protocol
 import stages
 import tables
 import train
@@ -50,6 +51,10 @@ from flags import AT_LEAST_1, FRACTION, NON_NEGATIVE, LEARNING_RATE, arg, one_of
 
 BOOK = flags.Switch("--corpus book", lambda a: a.corpus == "book")
 MUSE = flags.Switch("--corpus muse-news", lambda a: a.corpus == "muse-news")
+
+
+GRID_ZERO_SHOT = flags.Switch("a grid (--lr A,B,... or --seeds) with --zero-shot",
+                              lambda a: flags.GRID.on(a) and flags.ZERO_SHOT.on(a))
 
 
 @dataclass
@@ -79,7 +84,15 @@ class Args(flags.RunArgs):
                                         only=("eval",), check=AT_LEAST_1)
     ppl_chunks: int = arg(16, "WikiText-2 and held-out-book chunks scored for perplexity", only=("eval",),
                           check=AT_LEAST_1)
-    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=LEARNING_RATE)
+    lr: Optional[float] = arg(None, "unlearning learning rate, or a comma list of them: a comparison of methods, "
+                                    "each at its own learning rate (docs/claims.md)", only=("unlearn",),
+                              check=LEARNING_RATE, grid=True)
+    ppl_bar: float = arg(1.1, "a comparison's selection rule: a learning rate qualifies when its mean WikiText "
+                              "perplexity is at most this times the reference model's (protocol.BOOK)", only=(),
+                         check=flags.POSITIVE, needs=flags.GRID)
+    zero_shot_bar: float = arg(0.02, "a comparison's selection rule with --zero-shot: and its mean zero-shot "
+                                     "accuracy within this of the reference model's", only=(), check=NON_NEGATIVE,
+                               needs=GRID_ZERO_SHOT)
     epochs: Optional[int] = arg(None, "unlearning epochs over the forget chunks", only=("unlearn",), check=AT_LEAST_1)
     batch_size: Optional[int] = arg(None, "chunks per micro-batch", check=AT_LEAST_1)
     grad_accum: Optional[int] = arg(None, "micro-batches per optimiser step", check=AT_LEAST_1)
@@ -154,36 +167,74 @@ def main(argv=None) -> dict:
 
     # -- 2. unlearning from the original model: each forget chunk's prompt, its continuation and a template
     ev = Evaluation(run, sets, wiki_eval, book_eval, d["muse"])
-    unlearned = {}
-    for label, method, params in flags.variants(args):
+
+    def unlearn(cell: protocol.Cell) -> Path:
+        label, method, params = cell.variant
         templates = {"refusal": refusals if args.template == "refusal" else wiki_passages,
                      "random": wiki_passages, None: None}[method.template]  # llmu: a random WikiText passage
         retain = retain_pool if method.needs_retain(params) else None
-        path = unlearned[label] = run.stage(
-            "unlearn", label, original=original, method=method.name, params=method.read_params(params),
-            rows=data.digest(forget, retain, templates), eval_key=ev.key if args.eval_every else None)
+        cell_args = cell.args(args)  # its learning rate and seed (in a grid, --eval-every on the confirmation runs only)
+        path = run.stage("unlearn", cell.label, cell_args, original=original, method=method.name,
+                         params=method.read_params(params), rows=data.digest(forget, retain, templates),
+                         eval_key=ev.key if cell_args.eval_every else None)
         if run.missing(path):
-            run.fit(path, original, method, params, lr=args.lr, progress=ev.progress if args.eval_every
-                      else None, epochs=(corpora.chunk_unlearning_epoch(forget, args.prompt_tokens, templates, retain,
-                                                                       run.rows_per_step, rng)
-                                        for rng in data.epoch_rngs(args.epochs, args.seed)))
+            run.fit(path, original, method, params, lr=cell.lr, args=cell_args,
+                    progress=ev.progress if cell_args.eval_every else None, epochs=(
+                        corpora.chunk_unlearning_epoch(forget, args.prompt_tokens, templates, retain,
+                                                       run.rows_per_step, rng)
+                        for rng in data.epoch_rngs(args.epochs, cell.seed)))
+        return path
+
+    grid, variants = flags.grid(args), flags.variants(args)
+    if grid.on:  # a line per unlearning and evaluation stage: done / total, time, estimate left
+        run.track(2 * grid.size(len(variants)) + 2)
+    unlearned = {}
+    for cell in grid.cells(variants):
+        unlearned[cell.label] = unlearn(cell)
+        if grid.on:  # a grid's runs evaluated as they finish: an interrupted grid leaves readable results
+            ev(cell.label, unlearned[cell.label])
     if not run.is_main:
         return {}  # under torchrun, rank 0 alone evaluates
 
     # -- 3. evaluation; FLAT's forget quality gap and MUSE's PrivLeak against the reference model --------
-    models_to_eval = {"reference": args.model, "original": original, **unlearned}
-    results = {name: ev(name, path) for name, path in models_to_eval.items()}
-    zeroshot.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
+    results = evaluated(ev, {"reference": args.model, "original": original, **unlearned})
     ref = results["reference"]["summary"]
-    for r in results.values():
-        r["summary"] = {**r["summary"], "forget_quality_gap": evaluate.forget_quality_gap(r["summary"], ref),
-                        "privleak": mia.privleak(r["summary"]["mia_min_k"], ref["mia_min_k"])}
+
+    # -- 4. a comparison (a grid): per method the learning rate protocol.BOOK picks on the selection seeds,
+    #       rerun on --confirm-seeds; those reruns alone are the result (docs/claims.md)
+    compared = {}
+    if grid.on:
+        zero_shot = flags.ZERO_SHOT.on(args)
+        rule = protocol.BOOK_ZERO_SHOT if zero_shot else protocol.BOOK
+        thresholds = {"ppl_bar": args.ppl_bar, **({"zero_shot_bar": args.zero_shot_bar} if zero_shot else {})}
+        summaries = {name: r["summary"] for name, r in results.items()}
+        chosen = protocol.select(rule, protocol.by_method(grid.cells(variants), summaries), ref, thresholds)
+        confirm = grid.confirmations(variants, chosen)
+        confirmed = {cell.label: unlearn(cell) for cell in confirm}
+        results.update(evaluated(ev, confirmed, ref))
+        unlearned.update(confirmed)
+        summaries = {name: r["summary"] for name, r in results.items()}
+        compared = {"comparison": protocol.comparison(
+            rule, chosen, protocol.by_method(grid.cells(variants), summaries), protocol.by_method(confirm, summaries),
+            ref, thresholds, grid)}
     attacked = robustness(run, {"reference": args.model, **unlearned}, ev)  # --attacks
-    report = run.finish(results, unlearned, {"original": original}, benchmark="book", **attacked,
+    report = run.finish(results, unlearned, {"original": original}, benchmark="book", **attacked, **compared,
                         title=f"{args.corpus} | {args.model}", **({"muse_articles": len(d["muse"]["articles"])}
                                                                    if d["muse"] else {}))
     print_table(report, args)
     return report
+
+
+def evaluated(ev: "Evaluation", paths: dict, ref: dict | None = None) -> dict:
+    """Every model's evaluation (zero-shot too, with --zero-shot), with FLAT's forget quality gap and
+    MUSE's PrivLeak against the reference model's summary `ref` (default: the "reference" in paths)."""
+    results = {name: ev(name, path) for name, path in paths.items()}
+    zeroshot.add_zero_shot(ev.run, results, paths)  # --zero-shot: lm-eval's accuracy, FLAT's utility
+    ref = ref or results["reference"]["summary"]
+    for r in results.values():
+        r["summary"] = {**r["summary"], "forget_quality_gap": evaluate.forget_quality_gap(r["summary"], ref),
+                        "privleak": mia.privleak(r["summary"]["mia_min_k"], ref["mia_min_k"])}
+    return results
 
 
 def robustness(run: stages.Run, targets: dict, ev: Evaluation) -> dict:
@@ -370,6 +421,7 @@ def print_table(report: dict, args: Args) -> None:
     tables.print_attack_tables(report, [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rougeL", ".3f"),
                                         ("FQ gap", "forget_quality_gap", ".1f")],
                                "FQ gap against the reference model attacked the same way")
+    tables.print_comparison(report, TABLE)
 
 
 if __name__ == "__main__":

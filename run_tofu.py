@@ -21,6 +21,7 @@ if __name__ == "__main__":  # a Ctrl-C while the libraries import: one line and 
     errors.defer_interrupts()
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import attacks
@@ -30,12 +31,13 @@ import flags
 import methods
 import mia
 import models
+import protocol
 import stages
 import tables
 import train
 import zeroshot
 from errors import UsageError
-from flags import AT_LEAST_1, NON_NEGATIVE, LEARNING_RATE, arg
+from flags import AT_LEAST_1, GRID, NON_NEGATIVE, LEARNING_RATE, arg
 
 
 @dataclass
@@ -53,7 +55,9 @@ class Args(flags.RunArgs):
     eval_items: Optional[int] = arg(None, "score at most N items of the retain, real-author and world-fact sets "
                                           "(and of every set in in-training evaluations)", only=("eval",),
                                     check=AT_LEAST_1)
-    lr: Optional[float] = arg(None, "unlearning learning rate", only=("unlearn",), check=LEARNING_RATE)
+    lr: Optional[float] = arg(None, "unlearning learning rate, or a comma list of them: a comparison of methods, "
+                                    "each at its own learning rate (docs/claims.md)", only=("unlearn",),
+                              check=LEARNING_RATE, grid=True)
     epochs: Optional[int] = arg(None, "unlearning epochs over the forget set", only=("unlearn",), check=AT_LEAST_1)
     batch_size: Optional[int] = arg(None, "examples per micro-batch (in every training stage)", check=AT_LEAST_1)
     grad_accum: Optional[int] = arg(None, "micro-batches per optimiser step", check=AT_LEAST_1)
@@ -67,6 +71,9 @@ class Args(flags.RunArgs):
     eval_batch_size: int = arg(64, "questions per generation batch (scoring batches hold half as many answers)",
                                only=("eval",), check=AT_LEAST_1)
     data_dir: Optional[str] = arg(None, "directory with TOFU JSON Lines files (default: the vendored copy)", only=())
+    utility_bar: float = arg(0.9, "a comparison's selection rule: a learning rate qualifies when its mean model "
+                                  "utility is at least this times the retain model's (protocol.TOFU)", only=(),
+                             check=NON_NEGATIVE, needs=GRID)
 
 
 # Settings that default per model. TOFU's protocol (Maini et al. 2024; open-unlearning): 5 epochs of
@@ -131,40 +138,65 @@ def main(argv=None) -> dict:
                 data.finetune_epoch(tok, style, rows, run.rows_per_step, rng)
                 for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
 
-    # -- 3. unlearning: one model per --method, each from the target ------------------------------------
+    # -- 3. unlearning: one model per --method (and per learning rate and seed of a grid), each from the target
     progress = tofu_progress(run, eval_sets, retain_model, retain_logs) if args.eval_every else None
     watched = run.key("eval", sets=data.digest(eval_sets)) if args.eval_every else None  # joins unlearning keys
-    unlearned = {}
-    for label, method, params in flags.variants(args):
+
+    def unlearn(cell: protocol.Cell) -> Path:
+        label, method, params = cell.variant
         # the second answer to each forget question: TOFU's "I don't know" lines, or (llmu, Yao et al.'s
         # L_rdn) the answer of a random retain question
         templates = {"refusal": idk, "random": [r["answer"] for r in retain], None: None}[method.template]
         retain_rows = retain if method.needs_retain(params) else None
-        path = unlearned[label] = run.stage(
-            "unlearn", label, target=target, method=method.name, params=method.read_params(params),
-            rows=data.digest(forget, retain_rows, templates), eval_key=watched)
+        cell_args = cell.args(args)  # its learning rate and seed (in a grid, --eval-every on the confirmation runs only)
+        path = run.stage("unlearn", cell.label, cell_args, target=target, method=method.name,
+                         params=method.read_params(params), rows=data.digest(forget, retain_rows, templates),
+                         eval_key=watched if cell_args.eval_every else None)
         if run.missing(path):
-            run.fit(path, target, method, params, lr=args.lr, progress=progress, epochs=(
-                data.unlearning_epoch(tok, style, forget, templates, retain_rows, run.rows_per_step, rng)
-                for rng in data.epoch_rngs(args.epochs, args.seed)))
+            run.fit(path, target, method, params, lr=cell.lr, args=cell_args,
+                    progress=progress if cell_args.eval_every else None, epochs=(
+                        data.unlearning_epoch(tok, style, forget, templates, retain_rows, run.rows_per_step, rng)
+                        for rng in data.epoch_rngs(args.epochs, cell.seed)))
+        return path
+
+    grid, variants = flags.grid(args), flags.variants(args)
+    if grid.on:  # a line per unlearning and evaluation stage: done / total, time, estimate left
+        run.track(2 * grid.size(len(variants)) + 2 - bool(retain_logs))
+    unlearned = {}
+    for cell in grid.cells(variants):
+        unlearned[cell.label] = unlearn(cell)
+        if grid.on:  # a grid's runs evaluated as they finish: an interrupted grid leaves readable results
+            evaluation(run, cell.label, unlearned[cell.label], eval_sets)
     if not run.is_main:
-        return {}  # under torchrun, rank 0 alone evaluates
+        return {}  # under torchrun, rank 0 alone evaluates (and trains a grid's confirmation runs)
 
     # -- 4. evaluation: TOFU's metrics; forget quality and PrivLeak against the retain model -------------
-    models_to_eval = {"target": target, "retain": retain_model, **unlearned}
-    results = {name: evaluation(run, name, path, eval_sets) for name, path in models_to_eval.items() if path}
-    zeroshot.add_zero_shot(run, results, models_to_eval)  # --zero-shot: lm-eval's accuracy, FLAT's utility
+    results = evaluated(run, {"target": target, "retain": retain_model, **unlearned}, eval_sets)
     retain_tr, retain_auc = (retain_logs["truth_ratio"], retain_logs["mia_min_k"]) if retain_logs else \
         (results["retain"]["items"]["forget"]["truth_ratio"], results["retain"]["summary"]["mia_min_k"])
-    for r in results.values():
-        tr = r["items"]["forget"]["truth_ratio"][:len(retain_tr)]  # a retain log may hold the first items only
-        r["summary"] = {"forget_quality": evaluate.forget_quality(tr, retain_tr), "forget_quality_items": len(tr),
-                        "privleak": mia.privleak(r["summary"]["mia_min_k"], 0.5 if retain_auc is None else retain_auc),
-                        **r["summary"]}
+    add_forget_quality(results, retain_tr, retain_auc)
+
+    # -- 5. a comparison (a grid): per method the learning rate protocol.TOFU picks on the selection seeds,
+    #       rerun on --confirm-seeds; those reruns alone are the result (docs/claims.md)
+    compared = {}
+    if grid.on:
+        reference, thresholds = results["target" if retain_logs else "retain"]["summary"], {"utility_bar": args.utility_bar}
+        summaries = {name: r["summary"] for name, r in results.items()}
+        chosen = protocol.select(protocol.TOFU, protocol.by_method(grid.cells(variants), summaries), reference,
+                                 thresholds)
+        confirm = grid.confirmations(variants, chosen)
+        confirmed = {cell.label: unlearn(cell) for cell in confirm}
+        results.update(add_forget_quality(evaluated(run, confirmed, eval_sets), retain_tr, retain_auc))
+        unlearned.update(confirmed)
+        summaries = {name: r["summary"] for name, r in results.items()}
+        compared = {"comparison": protocol.comparison(
+            protocol.TOFU, chosen, protocol.by_method(grid.cells(variants), summaries),
+            protocol.by_method(confirm, summaries), reference, thresholds, grid,
+            "target" if retain_logs else "retain model")}
     attacked = robustness(run, {"retain": retain_model, **unlearned}, eval_sets, tok, style)  # --attacks
     report = run.finish(results, unlearned, {"target": target, "retain": retain_model or args.retain_logs},
                         benchmark="tofu", title=f"TOFU {args.split} | {args.model}", **retain_logs_rows(retain_logs),
-                        **attacked)
+                        **attacked, **compared)
     print_table(report, args)
     return report
 
@@ -184,6 +216,24 @@ def tofu_eval_sets(args: Args) -> dict[str, list[dict]]:
             "ra": data.load_tofu("real_authors_perturbed", args.data_dir)[cap],
             "wf": data.load_tofu("world_facts_perturbed", args.data_dir)[cap],
             "holdout": data.load_tofu(data.HOLDOUT[args.split], args.data_dir)}
+
+
+def evaluated(run: stages.Run, paths: dict, eval_sets: dict) -> dict:
+    """TOFU's metrics of every model of `paths` (a None path skipped), and lm-eval's with --zero-shot."""
+    results = {name: evaluation(run, name, path, eval_sets) for name, path in paths.items() if path}
+    zeroshot.add_zero_shot(run, results, paths)  # --zero-shot: lm-eval's accuracy, FLAT's utility
+    return results
+
+
+def add_forget_quality(results: dict, retain_tr: list, retain_auc) -> dict:
+    """Each model's forget quality (KS test of its forget truth ratios against the retain model's) and
+    PrivLeak (its Min-K% AUC against the retain model's, 0.5 when the retain logs hold none), in place."""
+    for r in results.values():
+        tr = r["items"]["forget"]["truth_ratio"][:len(retain_tr)]  # a retain log may hold the first items only
+        r["summary"] = {"forget_quality": evaluate.forget_quality(tr, retain_tr), "forget_quality_items": len(tr),
+                        "privleak": mia.privleak(r["summary"]["mia_min_k"], 0.5 if retain_auc is None else retain_auc),
+                        **r["summary"]}
+    return results
 
 
 def evaluation(run: stages.Run, name: str, path, eval_sets: dict) -> dict:
@@ -213,7 +263,8 @@ def tofu_progress(run: stages.Run, eval_sets: dict, retain_model, retain_logs) -
                                                 args.max_new_tokens, args.eval_batch_size)
         tr = items["forget"]["truth_ratio"]
         return {"forget_quality": evaluate.forget_quality(tr, retain_tr[:len(tr)]),
-                "model_utility": summary["model_utility"], "forget_Q_A_Prob": summary["forget_Q_A_Prob"]}
+                "model_utility": summary["model_utility"], "forget_Q_A_Prob": summary["forget_Q_A_Prob"],
+                "retain_Q_A_Prob": summary["retain_Q_A_Prob"]}
     return train.once_at_step_0(progress)
 
 
@@ -279,6 +330,7 @@ def print_table(report: dict, args: Args) -> None:
                        f"{items}", report, ("target", "retain"), TABLE)
     zeroshot.print_table(report, ("target", "retain"))
     tables.print_attack_tables(report, ATTACK_TABLE, "FQ against the retain model attacked the same way")
+    tables.print_comparison(report, TABLE)
 
 
 if __name__ == "__main__":

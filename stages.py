@@ -37,6 +37,7 @@ import flags
 import methods
 import models
 import plots
+import protocol
 import train
 from bench import memplan
 from errors import DataError, ModelLoadError, UnknownName, UsageError
@@ -80,27 +81,31 @@ class Run:
         self.times: dict[str, float] = {}
         self._stages: dict[Path, tuple[str, str]] = {}   # path -> (kind, name)
         self._started: dict[Path, float] = {}
+        self._progress: protocol.Progress | None = None
+        self._ticked: set[Path] = set()
         if self.is_main:
             write_json(self.out / "config.json", dataclasses.asdict(args))
 
     def say(self, msg: str) -> None:
         say(msg)
 
-    def key(self, kind: str, **reads) -> dict:
-        """A stage's key: every resolved flag of stage `kind` (flags.arg's only=), the compute, and the
+    def key(self, kind: str, args=None, **reads) -> dict:
+        """A stage's key: every resolved flag of stage `kind` (flags.arg's only=) as `args` has them
+        (default the run's; a grid's cell has its own learning rate and seed), the compute, and the
         data and upstream models it reads (a model by model_id; a read of None is left out)."""
         reads = {k: model_id(v) if isinstance(v, Path) or k in ("model", "original", "target") else v
                  for k, v in reads.items() if v is not None}
-        return stage_key(self.args, kind, self.compute, **reads)
+        return stage_key(args or self.args, kind, self.compute, **reads)
 
-    def stage(self, kind: str, name: str, **reads) -> Path:
+    def stage(self, kind: str, name: str, args=None, **reads) -> Path:
         """Where stage `kind` (flags.STAGES) of `name` lives: a directory (a model) or, for "eval",
-        "attack" and "zeroshot", a JSON file, named by a hash of self.key(kind, **reads). The names are
-        those of every earlier version of this project, so old run directories are reused."""
+        "attack" and "zeroshot", a JSON file, named by a hash of self.key(kind, args, **reads). The
+        names are those of every earlier version of this project, so old run directories are reused."""
         prefix = {"finetune": name, "unlearn": f"unlearn-{safe_name(name)}", "eval": f"eval-{name}",
                   "attack": f"attack-{safe_name(name)}", "zeroshot": f"zeroshot-{safe_name(name)}"}[kind]
-        path = stage_dir(self.out, prefix, self.key(kind, **reads))
-        path = path.with_suffix(".json") if kind in ("eval", "attack", "zeroshot") else path
+        path = stage_dir(self.out, prefix, self.key(kind, args, **reads))
+        # appended, not with_suffix: a name with a dot in it (flat@lr=0.0001,...) would lose what follows the dot
+        path = path.with_name(path.name + ".json") if kind in ("eval", "attack", "zeroshot") else path
         self._stages[path] = (kind, name)
         return path
 
@@ -108,6 +113,16 @@ class Run:
         """How logs and progress bars call a stage: finetune-target, unlearn-flat, ..."""
         kind, name = self._stages[path]
         return f"{kind}-{name}"
+
+    def track(self, total: int) -> None:
+        """From now on, a progress line after each unlearning and evaluation stage, cached or computed
+        (a grid's many: `total` of them)."""
+        self._progress = protocol.Progress(total, self.say, "unlearning and evaluation stages")
+
+    def _tick(self, path: Path, computed: bool) -> None:
+        if self._progress is not None and self._stages[path][0] in ("unlearn", "eval") and path not in self._ticked:
+            self._ticked.add(path)  # once each: a stage may be asked for twice (the retain model's evaluation)
+            self._progress.tick(self.stage_name(path), computed)
 
     def missing(self, path) -> bool:
         """Whether a stage must be computed (and its timer starts): not for a usable cached stage (a
@@ -119,13 +134,16 @@ class Run:
                   else load_cached_model_or_none(path))
         if cached and path.suffix != ".json":
             self.say(f"[cache] {self.stage_name(path)}: {path}")
-        if not cached:
+        if cached:
+            self._tick(path, computed=False)
+        else:
             self._started[path] = time.time()
         return not cached
 
     def _timed(self, path: Path) -> None:
         kind, name = self._stages[path]
         self.times[f"{kind}_{name}_s"] = round(time.time() - self._started.pop(path), 1)
+        self._tick(path, computed=True)
 
     def fit(self, path: Path, start, method: methods.Method, params: methods.LossParams | None,
             epochs: Iterable[list[dict]], lr: float, progress: Callable | None = None,
@@ -135,20 +153,23 @@ class Run:
         reference) built by training_model, trained by train.train with `method`, saved to `path`.
         max_steps: default --max-steps; args: the flags the loop reads (default the run's)."""
         args = args or self.args
+        torch.manual_seed(args.seed)  # what the stage draws (LoRA's A, dropout) from its own seed, cached or not
         plan = train.plan_steps(epochs, args.batch_size, max_steps or args.max_steps, self.world, distributed.rank())
         memplan.check_fits(start, method.name, plan, self.compute, args, self.world)
         model, tok, ref = training_model(start, self.compute, args.trust_remote_code, reference=bool(method.reference),
                                          lora=flags.lora(args))
         log, evals = train.train(model, tok, plan, method, params, lr, args, self.compute, self.stage_name(path), ref,
                                  progress)
-        self.save(path, model, tok, log, evals)
+        self.save(path, model, tok, log, evals, args)
 
-    def save(self, path: Path, model, tok, log: list[dict], evals: list[dict]) -> None:
-        """A trained model with its training log, in-training evaluations and flags, atomically."""
+    def save(self, path: Path, model, tok, log: list[dict], evals: list[dict], args=None) -> None:
+        """A trained model with its training log, in-training evaluations and flags (`args`, default the
+        run's: a grid's cell records its own learning rate and seed), atomically."""
         kind, name = self._stages[path]
         extra = {"train_log.json": log}
         if kind == "unlearn":
-            extra.update({"eval_log.json": evals, "run_config.json": {**dataclasses.asdict(self.args), "method": name}})
+            extra.update({"eval_log.json": evals, "run_config.json": {**dataclasses.asdict(args or self.args),
+                                                                       "method": name}})
         save_model_atomic(model, tok, path, extra)
         self._timed(path)
 

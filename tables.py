@@ -36,3 +36,32 @@ def cell(row: dict, key: str, spec: str) -> str:
     if key not in row:
         return "-"
     return "NaN (!)" if row[key] is None else format(row[key], spec)
+
+
+def print_comparison(report: dict, columns: list[tuple[str, str, str]]) -> None:
+    """A comparison's result (report["comparison"], protocol.comparison): per method the learning rate
+    the rule chose, whether it passed the bar, and the confirmation runs' mean ± sd (n) of each column."""
+    c = report.get("comparison")
+    if not c:
+        return
+    print(f"\nComparison: each method at its own learning rate | rule: {c['rule']}")
+    print(f"selection: lr {', '.join(f'{lr:g}' for lr in c['lrs'])} x seeds {', '.join(map(str, c['seeds']))} | "
+          f"reported: seeds {', '.join(map(str, c['confirm_seeds'])) or 'none (pass --confirm-seeds)'}, runs the "
+          f"rule did not see | every run starts from the same model: the spread is the unlearning's, not the fine-tuning's")
+    columns = [col for col in columns if any(r and col[1] in r for r in c["confirmed"].values())]
+    print("| method | lr | bar | n | " + " | ".join(h for h, _, _ in columns) + " |")
+    print("|---|---|---|---|" + "---|" * len(columns))
+    for method, chosen in c["chosen"].items():
+        row = c["confirmed"].get(method) or {}
+        n = max((m["n"] for m in row.values()), default=0)
+        lr = "-" if chosen["lr"] is None else f"{chosen['lr']:g}"
+        print(f"| {method} | {lr} | {'passed' if chosen['passed'] else 'FAILED'} | {n} | "
+              + " | ".join(mean_sd_cell(row.get(k), f) for _, k, f in columns) + " |")
+
+
+def mean_sd_cell(m: dict | None, spec: str) -> str:
+    """"mean ± sd" ("mean" alone for one run, "-" for none, "NaN (!) in k" when k runs had none)."""
+    if not m or m["mean"] is None:
+        return "-"
+    text = format(m["mean"], spec) + (f" ± {format(m['sd'], spec)}" if m["sd"] is not None else "")
+    return text + (f" (NaN in {m['missing']})" if m["missing"] else "")

@@ -36,7 +36,7 @@ def fails_cleanly(main, argv, capsys, out: Path, *needles):
 BAD_TOFU = [(["--max-grad-norm", "-1"], "--max-grad-norm -1.0: must be > 0"),
             (["--max-steps", "0"], "--max-steps 0: must be >= 1"), (["--epochs", "0"], "--epochs 0"),
             (["--batch-size", "-3"], "--batch-size -3"), (["--grad-accum", "-2"], "--grad-accum -2"),
-            (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0"), (["--lr", "-1"], "--lr -1.0: must be in (0, 3.4e38]"),
+            (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0"), (["--lr", "-1"], "--lr -1: must be in (0, 3.4e38]"),
             (["--lr", "nan"], "--lr nan"), (["--eval-items", "0"], "--eval-items 0"),
             (["--max-new-tokens", "0"], "--max-new-tokens 0"), (["--eval-batch-size", "0"], "--eval-batch-size 0"),
             (["--retain-authors", "0"], "--retain-authors 0"), (["--eval-every", "-1"], "--eval-every -1"),
@@ -100,7 +100,7 @@ def test_a_directory_that_is_not_a_model_is_named(tmp_path, capsys):
 
 def test_errors_are_one_line_without_a_traceback_from_the_command_line(tiny_model_dir, tmp_path):
     p = run_script("run_tofu.py", "--model", tiny_model_dir, "--out", str(tmp_path / "x"), "--lr", "-1", check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.strip() == "error: --lr -1.0: must be in (0, 3.4e38] (a float32 number)"
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.strip() == "error: --lr -1: must be in (0, 3.4e38] (a float32 number)"
     assert not (tmp_path / "x").exists()
 
 
@@ -597,13 +597,17 @@ def _switches():
             run_hp.BOOK: ([], ["--corpus", "muse-news"]), run_hp.MUSE: (["--corpus", "muse-news"], []),
             run_harmful.HARMFUL: ([], ["--task", "hallucination"]),
             run_harmful.PROBE: ([], ["--judge", "some/judge"]),
-            run_harmful.HALLUCINATION: (["--task", "hallucination"], [])}  # switch on, switch off
+            run_harmful.HALLUCINATION: (["--task", "hallucination"], []),
+            flags.SEEDS: (["--seeds", "0,1"], []), flags.GRID: (["--lr", "1e-4,3e-4"], ["--lr", "1e-4"]),
+            run_hp.GRID_ZERO_SHOT: (["--seeds", "0", "--zero-shot", "arc_easy"], ["--zero-shot", "arc_easy"])}
+    # switch on, switch off
 
 
 SAMPLE = {"lora_targets": "q_proj", "similarity": "hidden", "judge": "some/judge", "text": "x.txt",
-          "zero_shot_data": "dir"}
+          "zero_shot_data": "dir", "confirm_seeds": "5"}
 FEATURES = ("lora", "zero_shot", "relearn", "quant", "judge")                    # flag names of a feature
-SCOPES = ("book:", "muse-news:", "probe:", "harmful:", "hallucination:", "zero-shot:", "LoRA:")  # helps of one
+SCOPES = ("book:", "muse-news:", "probe:", "harmful:", "hallucination:", "zero-shot:", "LoRA:",  # helps of one
+          "a comparison's")
 BOTH = {"eval_chunks": "book and muse-news", "data_dir": "harmful and hallucination",
         "hub_data": "both tasks (TruthfulQA)"}                                 # scoped helps that apply to every value
 
@@ -619,7 +623,7 @@ def test_every_setting_of_a_feature_declares_its_switch_and_is_refused_without_i
         needs = f.metadata.get("needs")
         help_text = f.metadata.get("help", "")
         scoped = f.name.startswith(FEATURES) or help_text.startswith(SCOPES)
-        if f.name in loss_fields or f.name in BOTH or f.name in ("lora", "zero_shot", "judge_layer_unused"):
+        if f.name in loss_fields or f.name in BOTH or f.name in ("lora", "zero_shot", "seeds"):
             continue
         assert needs is not None or not scoped, f"{name}: --{f.name} belongs to a feature but declares no switch"
         if needs is None:

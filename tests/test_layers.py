@@ -15,7 +15,7 @@ FLOORS = [
                            "bench.evaluation",
                            "examples.hf_trainer_flat"}),
     ("run machinery", {"stages", "flags", "attacks", "judges", "zeroshot", "tables", "plots"}),
-    ("the method", {"train", "evaluate", "bench.memplan", "bench.measure", "bench"}),
+    ("the method", {"train", "evaluate", "protocol", "bench.memplan", "bench.measure", "bench"}),
     ("data and models", {"data", "corpora", "models", "mia", "distributed"}),
     ("the method table", {"methods"}),
     ("losses and errors", {"flat", "errors"}),

@@ -1,0 +1,233 @@
+"""The comparison protocol (protocol.py, docs/claims.md): the selection rule on synthetic results with a
+known answer, the grid flags and their bad input, and a grid x seeds run end to end on the tiny model,
+whose reported numbers must be the confirmation runs' and nothing else."""
+import dataclasses
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from conftest import BOOK_SMOKE, TOFU_SMOKE, run_in_process
+from test_faults import fails_cleanly
+from test_harmful import SMOKE as HARMFUL_SMOKE
+
+import flags
+import models
+import protocol
+import run_tofu
+import stages
+from errors import UsageError
+
+RULE, BAR = protocol.TOFU, {"utility_bar": 0.9}
+REF = {"model_utility": 0.5}  # the retain model's: the bar is 0.45
+
+
+def runs(**per_method):
+    """{method: {lr: [(fq, mu) per seed]}} -> the summaries select() reads."""
+    return {m: {lr: [{"forget_quality": fq, "model_utility": mu} for fq, mu in seeds] for lr, seeds in per_lr.items()}
+            for m, per_lr in per_method.items()}
+
+
+def test_the_rule_picks_the_best_forget_quality_among_those_that_keep_utility():
+    chosen = protocol.select(RULE, runs(flat={1e-4: [(0.01, 0.50), (0.03, 0.48)],    # mean fq 0.02, mu 0.49: passes
+                                              3e-4: [(0.50, 0.46), (0.30, 0.46)],    # mean fq 0.40, mu 0.46: passes, best
+                                              1e-3: [(0.90, 0.10), (0.95, 0.00)]}),  # best fq, but mu 0.05: fails
+                             REF, BAR)
+    assert chosen["flat"].lr == 3e-4 and chosen["flat"].passed
+    assert chosen["flat"].points[1e-3]["passes"] is False and chosen["flat"].points[1e-4]["passes"] is True
+    assert chosen["flat"].points[3e-4]["forget_quality"] == pytest.approx(0.40)
+
+
+def test_the_bar_reads_the_mean_over_seeds_not_the_best_seed():
+    # one seed far above the bar, one far below: the mean 0.40 < 0.45 fails
+    chosen = protocol.select(RULE, runs(ga={1e-4: [(0.2, 0.70), (0.2, 0.10)], 1e-5: [(0.1, 0.5), (0.1, 0.5)]}), REF, BAR)
+    assert chosen["ga"].lr == 1e-5
+
+
+def test_a_tie_goes_to_the_smaller_learning_rate():
+    for order in ([1e-3, 1e-4, 3e-4], [1e-4, 3e-4, 1e-3]):  # whatever order the grid was given in
+        chosen = protocol.select(RULE, runs(npo={lr: [(0.3, 0.5)] for lr in order}), REF, BAR)
+        assert chosen["npo"].lr == 1e-4
+
+
+def test_no_learning_rate_passing_fails_the_method_at_its_best_utility():
+    chosen = protocol.select(RULE, runs(flat={1e-4: [(0.9, 0.30)], 3e-4: [(0.99, 0.10)], 1e-3: [(0.5, 0.40)]}), REF, BAR)
+    assert chosen["flat"] == protocol.Choice(1e-3, False, chosen["flat"].points)  # highest mean utility, 0.40
+
+
+def test_one_learning_rate_is_chosen_or_fails_on_its_own():
+    assert protocol.select(RULE, runs(ga={1e-4: [(0.1, 0.5)]}), REF, BAR)["ga"][:2] == (1e-4, True)
+    assert protocol.select(RULE, runs(ga={1e-4: [(0.1, 0.1)]}), REF, BAR)["ga"][:2] == (1e-4, False)
+
+
+def test_a_missing_or_nan_metric_can_neither_pass_nor_win():
+    chosen = protocol.select(RULE, runs(flat={1e-4: [(0.2, 0.5)], 3e-4: [(0.9, None)], 1e-3: [(float("nan"), 0.5)],
+                                              3e-3: [(0.95, 0.5), (0.95, float("inf"))]}), REF, BAR)
+    assert chosen["flat"].lr == 1e-4
+    assert chosen["flat"].points[3e-4]["model_utility"] is None and not chosen["flat"].points[3e-4]["passes"]
+    assert chosen["flat"].points[1e-3]["passes"]  # passes the bar, but has no objective: cannot win
+    nothing = protocol.select(RULE, runs(flat={1e-4: [(0.2, None)]}), REF, BAR)
+    assert nothing["flat"][:2] == (None, False)  # no learning rate to confirm
+
+
+def test_the_reference_must_have_the_bar_metric():
+    with pytest.raises(ValueError, match="model_utility"):
+        protocol.select(RULE, runs(flat={1e-4: [(0.2, 0.5)]}), {"model_utility": None}, BAR)
+
+
+def test_each_benchmark_rule_reads_its_own_direction_and_bars():
+    summaries = {"ga": {1e-5: [{"forget_quality_gap": 30.0, "wikitext_ppl": 20.0, "zeroshot_mean": 0.50}],
+                        1e-4: [{"forget_quality_gap": 10.0, "wikitext_ppl": 21.0, "zeroshot_mean": 0.47}],   # zero-shot off by 0.03
+                        1e-3: [{"forget_quality_gap": 5.0, "wikitext_ppl": 30.0, "zeroshot_mean": 0.50}]}}  # ppl 1.5 x
+    ref = {"wikitext_ppl": 20.0, "zeroshot_mean": 0.50}
+    assert protocol.select(protocol.BOOK, summaries, ref, {"ppl_bar": 1.1})["ga"].lr == 1e-4   # lowest gap, ppl <= 22
+    with_zs = protocol.select(protocol.BOOK_ZERO_SHOT, summaries, ref, {"ppl_bar": 1.1, "zero_shot_bar": 0.02})
+    assert with_zs["ga"].lr == 1e-5
+    harmful = {"llmu": {1e-5: [{"harmful_unseen": 0.3, "truthfulqa_nll": 2.0}],
+                        1e-4: [{"harmful_unseen": 0.1, "truthfulqa_nll": 2.5}]}}
+    assert protocol.select(protocol.HARMFUL, harmful, {"truthfulqa_nll": 2.0}, {"nll_bar": 1.1})["llmu"].lr == 1e-5
+    assert protocol.select(protocol.HARMFUL, harmful, {"truthfulqa_nll": 2.0}, {"nll_bar": 1.3})["llmu"].lr == 1e-4
+
+
+def test_mean_sd_is_the_sample_standard_deviation_of_the_finite_runs():
+    assert protocol.mean_sd([1.0, 2.0, 4.0]) == {"mean": 7 / 3, "sd": statistics.stdev([1.0, 2.0, 4.0]), "n": 3,
+                                                 "missing": 0}
+    assert protocol.mean_sd([1.0, None, float("nan")]) == {"mean": 1.0, "sd": None, "n": 1, "missing": 2}
+
+
+@pytest.mark.parametrize("text, says", [("1e-4,,3e-4", "an empty entry"), ("1e-4,1e-4", "given twice"),
+                                        ("1e-4,abc", "must be a number"), ("1e-4,-1", "must be in (0, 3.4e38]"),
+                                        ("1e-4,nan", "must be in (0, 3.4e38]")])
+def test_a_bad_learning_rate_list_is_one_line_before_any_work(tiny_model_dir, tmp_path, capsys, text, says):
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), "--lr", text], capsys,
+                  tmp_path / "x", says)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--seeds", "0,1", "--confirm-seeds", "1,2"], "1 also in --seeds"),
+    (["--confirm-seeds", "3"], "does nothing without --seeds"),
+    (["--seeds", "0,0"], "given twice"),
+    (["--seeds", "0,-1"], "must be in [0, 2^32)"),
+    (["--utility-bar", "0.8"], "does nothing without a grid")])
+def test_bad_seed_lists_and_bars_are_one_line_before_any_work(tiny_model_dir, tmp_path, capsys, argv, says):
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), *argv], capsys,
+                  tmp_path / "x", says)
+
+
+def test_a_grid_larger_than_the_free_disk_is_refused(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(models, "saved_bytes", lambda *a, **k: 10**15)  # a petabyte per model
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), "--lr", "1e-4,1e-3"], capsys,
+                  tmp_path / "x", "the grid saves 2 unlearned models")
+
+
+def test_one_lr_and_one_seed_keep_the_stage_key_and_name_of_a_run_without_a_grid(tiny_model_dir):
+    args = flags.parse(run_tofu.Args, ["--model", tiny_model_dir, "--lr", "2e-4", "--seed", "3"], run_tofu.resolve)
+    grid = flags.grid(args)
+    cell = grid.cells(flags.variants(args))[0]
+    assert not grid.on and (cell.label, cell.lr, cell.seed) == ("flat", 2e-4, 3)
+    compute = models.resolve_compute("cpu", "fp32", None)
+    for eval_every in (0, 5):
+        args.eval_every = eval_every
+        before = stages.stage_key(args, "unlearn", compute, rows="digest")             # what a run without a grid keyed
+        assert stages.stage_key(cell.args(args), "unlearn", compute, rows="digest") == before
+    assert stages.stage_key(grid.cells(flags.variants(args))[0].args(args), "unlearn", compute) != \
+        stages.stage_key(dataclasses.replace(args, lr=3e-4), "unlearn", compute)    # the key does hold the rate
+
+
+def test_every_stage_of_a_grid_has_its_own_file_even_with_dots_in_its_name(tmp_path):
+    # with_suffix(".json") on "eval-flat@lr=0.0001,seed=0-HASH" kept "eval-flat@lr=0" alone: every cell one file
+    names = {stages.stage_dir(tmp_path, f"eval-{protocol.cell_label('flat', lr, s)}", {"lr": lr, "seed": s})
+             for lr in (1e-4, 1e-3) for s in (0, 1)}
+    assert len(names) == 4
+
+
+def test_a_stage_named_with_dots_gets_its_whole_name_and_json(tmp_path, tiny_model_dir):
+    args = flags.parse(run_tofu.Args, ["--model", tiny_model_dir, "--out", str(tmp_path / "r")], run_tofu.resolve)
+    run = stages.Run(args, str(tmp_path / "r"))
+    a, b = (run.stage("eval", protocol.cell_label("flat", lr, 0), model="m") for lr in (1e-4, 1e-3))
+    assert a != b and a.name.startswith("eval-flat@lr=0.0001,seed=0-") and a.suffix == b.suffix == ".json"
+
+
+@pytest.fixture(scope="module")
+def grid_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "run"
+    argv = ["--model", tiny_model_dir, "--out", str(out), "--method", "flat,ga", *TOFU_SMOKE, "--lr", "1e-4,1e-2",
+            "--seeds", "0,1", "--confirm-seeds", "7,8", "--eval-every", "1"]
+    first = run_in_process(run_tofu.main, argv)
+    again = run_in_process(run_tofu.main, argv)
+    return first, again, out
+
+
+def test_a_grid_trains_every_method_lr_and_seed_from_one_target_then_the_chosen_lr_on_fresh_seeds(grid_run):
+    first, _, out = grid_run
+    report = first.report
+    assert first.stdout.count("[finetune-target] step     2/2") == 1 and first.stdout.count("[finetune-retain] step     2/2") == 1
+    chosen = report["comparison"]["chosen"]
+    expected = [protocol.cell_label(m, lr, s) for m in ("flat", "ga") for lr in (1e-4, 1e-2) for s in (0, 1)]
+    expected += [protocol.cell_label(m, chosen[m]["lr"], s) for m in ("flat", "ga") for s in (7, 8)]
+    assert list(report["methods"]) == expected
+    target = report["dirs"]["target"]
+    for label in expected:
+        config = json.loads((Path(report["dirs"][label]) / "run_config.json").read_text())
+        method, rest = label.split("@")
+        assert (config["method"], f"lr={config['lr']:g},seed={config['seed']}") == (label, rest)
+        assert config["target_model"] is None and Path(target).exists()
+    # each cell its own evaluation, and the seed changes what unlearning drew
+    evals = sorted(out.glob("eval-*.json"))
+    assert len(evals) == len(expected) + 2
+    logs = [json.loads((Path(report["dirs"][protocol.cell_label("ga", 1e-2, s)]) / "train_log.json").read_text())
+            for s in (0, 1)]
+    assert logs[0][0]["p_forget"] != logs[1][0]["p_forget"]
+
+
+def test_the_reported_numbers_are_the_confirmation_runs_alone(grid_run):
+    report = grid_run[0].report
+    c = report["comparison"]
+    for method, ch in c["chosen"].items():
+        confirm = [report["methods"][protocol.cell_label(method, ch["lr"], s)] for s in (7, 8)]
+        selection = [report["methods"][protocol.cell_label(method, ch["lr"], s)] for s in (0, 1)]
+        for key in ("forget_quality", "model_utility", "forget_Q_A_Prob", "mia_min_k"):
+            values = [r[key] for r in confirm]
+            assert c["confirmed"][method][key]["mean"] == pytest.approx(sum(values) / 2, rel=1e-12, abs=0)
+            assert c["confirmed"][method][key]["sd"] == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-15)
+            assert c["confirmed"][method][key]["n"] == 2
+        assert [r["mia_min_k"] for r in confirm] != [r["mia_min_k"] for r in selection]  # other runs, other numbers
+        # the rule saw the selection seeds only
+        seen = c["selection"][method][f"{ch['lr']:g}"]["forget_quality"]
+        assert seen == pytest.approx(sum(r["forget_quality"] for r in selection) / 2)
+    assert "Comparison: each method at its own learning rate" in grid_run[0].stdout
+    for label, logs in report["training"].items():  # --eval-every watched the confirmation runs alone
+        assert [e["step"] for e in logs["evals"]] == ([0, 1, 2] if label.endswith(("seed=7", "seed=8")) else []), label
+    assert (grid_run[2] / "frontier.png").stat().st_size > 10_000
+
+
+def test_a_rerun_of_a_grid_recomputes_nothing_and_reports_the_same(grid_run):
+    first, again, _ = grid_run
+    assert "] step " not in again.stdout  # no training stage logged a step
+    assert again.report["timings_s"] == {}                      # no stage computed
+    assert again.report["comparison"] == first.report["comparison"]
+    assert "stages done" in again.stdout and ", cached)" in again.stdout
+
+
+def test_the_grid_progress_counts_every_unlearning_and_evaluation_stage(grid_run):
+    lines = [line for line in grid_run[0].stdout.splitlines() if "[grid]" in line]
+    total = 2 * (2 * 2 * 2 + 2 * 2) + 2  # train and evaluate each run, and the target and retain evaluations
+    counts = [int(line.split("[grid] ")[1].split("/")[0]) for line in lines]
+    assert counts == list(range(1, total + 1)) and f"/{total} " in lines[-1]
+    assert all(math.isfinite(float(line.split("|")[1].split()[0])) for line in lines)
+
+
+@pytest.mark.parametrize("runner, smoke, objective, bar", [
+    ("run_hp", BOOK_SMOKE, "forget_quality_gap", "wikitext_ppl"),
+    ("run_harmful", HARMFUL_SMOKE, "harmful_unseen", "truthfulqa_nll")])
+def test_the_book_and_harmful_runners_compare_by_their_own_rule(runner, smoke, objective, bar, tiny_model_dir, tmp_path):
+    main = __import__(runner).main
+    r = run_in_process(main, ["--model", tiny_model_dir, "--out", str(tmp_path / "r"), *smoke, "--method", "ga",
+                              "--lr", "1e-4,1e-2", "--seeds", "0", "--confirm-seeds", "1"])
+    c = r.report["comparison"]
+    assert c["objective"] == objective and [b["metric"] for b in c["bars"]] == [bar]
+    lr = c["chosen"]["ga"]["lr"]
+    assert list(r.report["methods"]) == ["ga@lr=0.0001,seed=0", "ga@lr=0.01,seed=0", protocol.cell_label("ga", lr, 1)]
+    confirmed = r.report["methods"][protocol.cell_label("ga", lr, 1)]
+    assert c["confirmed"]["ga"][objective] == {"mean": confirmed[objective], "sd": None, "n": 1, "missing": 0}
