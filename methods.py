@@ -14,9 +14,21 @@ from typing import Callable
 from torch import Tensor
 
 import flat
-from errors import NON_NEGATIVE, POSITIVE, Check, Choices
+from errors import Check, Choices
 
 DIVERGENCES = Choices("divergence", flat.DIVERGENCES)  # flat's table, with lookups that list the valid names
+
+# Ranges within which the first unlearning step is finite in float32 whatever the model (derived here,
+# tested at their edges in tests/test_flat.py::test_loss_setting_ranges_are_where_the_first_step_is_finite).
+# A setting enters a loss as a float32 factor, so above F32 it is inf. At the first step the model
+# equals its reference, so NPO's and DPO's log-ratios are exactly 0 and their loss is (2/beta) ln 2:
+# 2/beta itself must be a float32 number, beta >= 2/F32. SimNPO's is (2/beta) softplus(beta |logp| +
+# delta), with 2/beta too. A weight times the KL term (exactly 0 at the first step) is inf * 0 = NaN
+# above F32; a weight times a term |t| > 1 overflows sooner (w |t| > F32), which depends on the model
+# and is caught at that step (train.check_finite names the loss settings).
+F32 = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+INVERSE_TEMPERATURE = Check(lambda v: 2 / F32 <= v <= F32, "in [5.9e-39, 3.4e38] (2/beta and beta float32 numbers)")
+WEIGHT = Check(lambda v: 0 <= v <= F32, "in [0, 3.4e38] (>= 0: a negative weight flips its term; a float32 number)")
 
 
 def _param(default, help: str, valid: Check | None = None):
@@ -31,17 +43,18 @@ class LossParams:
     is a flag of the same name with this help text (--divergence, --beta, ...) and range."""
     divergence: str = _param("kl", "flat: FLAT's f-divergence, a key of flat.DIVERGENCES")
     beta: float = _param(0.1, "dpo, npo: inverse temperature beta (> 0: the loss is (2/beta) log sigma(beta "
-                              "...); beta < 0 would prefer the forget answer)", POSITIVE)
-    simnpo_beta: float = _param(2.5, "simnpo: beta (SimNPO paper, TOFU setting; > 0, as for npo)", POSITIVE)
-    simnpo_delta: float = _param(0.0, "simnpo: reward margin (any finite value)", Check(lambda v: True, "finite"))
+                              "...); beta < 0 would prefer the forget answer)", INVERSE_TEMPERATURE)
+    simnpo_beta: float = _param(2.5, "simnpo: beta (SimNPO paper, TOFU setting; > 0, as for npo)", INVERSE_TEMPERATURE)
+    simnpo_delta: float = _param(0.0, "simnpo: reward margin (any float32 number)",
+                                 Check(lambda v: abs(v) <= F32, "in [-3.4e38, 3.4e38] (a float32 number)"))
     retain_weight: float = _param(1.0, "weight of the retain term in gd, kl, idk (npo, simnpo with --npo-retain); "
                                        ">= 0: a negative weight would make the retain term a second forget term",
-                                  NON_NEGATIVE)
+                                  WEIGHT)
     npo_retain: bool = _param(False, "npo, simnpo: add the retain NLL (NPO+RT)")
     eps1: float = _param(0.5, "llmu: weight of gradient ascent on the forget answers (>= 0: Yao et al.'s "
-                              "weights only scale their terms; a negative one flips it)", NON_NEGATIVE)
-    eps2: float = _param(1.0, "llmu: weight of the random-answer (mismatch) NLL (>= 0)", NON_NEGATIVE)
-    eps3: float = _param(1.0, "llmu: weight of the KL to the original model on normal data (>= 0)", NON_NEGATIVE)
+                              "weights only scale their terms; a negative one flips it)", WEIGHT)
+    eps2: float = _param(1.0, "llmu: weight of the random-answer (mismatch) NLL (>= 0)", WEIGHT)
+    eps3: float = _param(1.0, "llmu: weight of the KL to the original model on normal data (>= 0)", WEIGHT)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import inspect
 import json
@@ -273,11 +274,16 @@ def meta_model(name: str, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(model_config(name, trust_remote_code), trust_remote_code=trust_remote_code)
 
 
+@functools.lru_cache(maxsize=8)
+def parameter_count(name: str, trust_remote_code: bool = False) -> int:
+    """The model's parameters, tied ones once (parameters() skips tied copies), from its config."""
+    return sum(p.numel() for p in meta_model(name, trust_remote_code).parameters())
+
+
 def saved_bytes(name: str, precision: str, trust_remote_code: bool = False) -> int:
-    """About what one saved copy of the model takes on disk: its distinct parameters (tied ones once)
-    in the weights dtype of `precision` (bf16: 2 bytes; fp32 and mixed keep fp32 weights: 4)."""
-    params = sum(p.numel() for p in meta_model(name, trust_remote_code).parameters())  # parameters() skips tied copies
-    return params * (2 if precision == "bf16" else 4)
+    """About what one saved copy of the model takes on disk: its parameters in the weights dtype of
+    `precision` (bf16: 2 bytes; fp32 and mixed keep fp32 weights: 4)."""
+    return parameter_count(name, trust_remote_code) * (2 if precision == "bf16" else 4)
 
 
 def with_lora(model, lora: Lora):

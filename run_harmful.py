@@ -31,6 +31,7 @@ import numpy as np
 import attacks
 import corpora
 import data
+import estimate
 import evaluate
 import flags
 import judges
@@ -141,6 +142,14 @@ def main(argv=None) -> dict:
 
     # -- 1. the original model: the base model, or (--finetune-epochs) the base model fine-tuned on the pairs
     original = run.stage("finetune", "original", rows=data.digest(forget)) if args.finetune_epochs else args.model
+    ev = Evaluation(run, task, d, original, eval_sets, references)
+    steps = min(args.steps, args.max_steps or args.steps)
+    grid, variants = flags.grid(args), flags.variants(args)
+    base = args.model if args.eval_base and args.finetune_epochs else None
+    stage = lambda cell: unlearning_stage(run, cell, original, forget, d["refusals"], tqa_train, steps, ev)  # noqa: E731
+    estimate.say_plan(run.say, harmful_plan(run, tok, style, forget, eval_sets, original, base, steps, grid, variants,
+                                            {c.label: stage(c)[0] for c in grid.cells(variants)}),
+                      models.parameter_count(args.model, args.trust_remote_code), run.compute)  # before any stage
     if run.missing(original):  # Yao et al.'s warmup is for unlearning: none here
         run.fit(original, args.model, methods.FINETUNE, None, lr=args.finetune_lr,
                   args=replace(args, warmup_epochs=0.0), epochs=(
@@ -148,20 +157,10 @@ def main(argv=None) -> dict:
                       for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
 
     # -- 2. unlearning: --steps optimiser steps over the shuffled, cycled forget pairs, one model per method
-    ev = Evaluation(run, task, d, original, eval_sets, references)
-    steps = min(args.steps, args.max_steps or args.steps)
-
     def unlearn(cell: protocol.Cell) -> Path:
-        label, method, params = cell.variant
-        # llmu's second answer is Yao et al.'s random normal (TruthfulQA) answer; flat, idk and dpo answer
-        # with a refusal ("I don't know" for hallucinations)
-        templates = {"refusal": d["refusals"], "random": corpora.random_answers(tqa_train), None: None}[method.template]
-        normal = tqa_train if method.needs_retain(params) else None
-        cell_args = cell.args(args)  # its learning rate and seed (in a grid, --eval-every on the confirmation runs only)
-        path = run.stage("unlearn", cell.label, cell_args, original=original, method=method.name,
-                         params=method.read_params(params), steps_taken=steps, rows=data.digest(forget, normal, templates),
-                         eval_key=ev.key if cell_args.eval_every else None)
+        path, cell_args, templates, normal = stage(cell)
         if run.missing(path):
+            _, method, params = cell.variant
             run.fit(path, original, method, params, lr=cell.lr, max_steps=steps, args=cell_args,
                     progress=ev.progress if cell_args.eval_every else None, epochs=(
                         data.unlearning_epoch(tok, style, forget, templates, normal, run.rows_per_step, rng,
@@ -169,8 +168,6 @@ def main(argv=None) -> dict:
                         for rng in data.epoch_rngs(math.ceil(args.steps * run.rows_per_step / len(forget)), cell.seed)))
         return path
 
-    grid, variants = flags.grid(args), flags.variants(args)
-    base = args.model if args.eval_base and args.finetune_epochs else None
     if grid.on:  # a line per unlearning and evaluation stage: done / total, time, estimate left
         run.track(2 * grid.size(len(variants)) + 1 + bool(base))
     unlearned = {}
@@ -207,6 +204,54 @@ def main(argv=None) -> dict:
                         title=f"{args.task} | {args.model}", **attacked, **compared)
     print_table(report, args)
     return report
+
+
+def unlearning_stage(run: stages.Run, cell: protocol.Cell, original, forget: list, refusals: list, tqa_train: list,
+                     steps: int, ev: "Evaluation") -> tuple:
+    """A cell's unlearning stage: where it lives, the flags it reads (its learning rate and seed; in a grid,
+    --eval-every on the confirmation runs only), its second answers and its normal (retain) rows."""
+    _, method, params = cell.variant
+    # llmu's second answer is Yao et al.'s random normal (TruthfulQA) answer; flat, idk and dpo answer
+    # with a refusal ("I don't know" for hallucinations)
+    templates = {"refusal": refusals, "random": corpora.random_answers(tqa_train), None: None}[method.template]
+    normal = tqa_train if method.needs_retain(params) else None
+    cell_args = cell.args(run.args)
+    return run.stage("unlearn", cell.label, cell_args, original=original, method=method.name,
+                     params=method.read_params(params), steps_taken=steps, rows=data.digest(forget, normal, templates),
+                     eval_key=ev.key if cell_args.eval_every else None), cell_args, templates, normal
+
+
+def harmful_plan(run: stages.Run, tok, style: str, forget: list, eval_sets: dict, original, base, steps: int,
+                 grid: protocol.Grid, variants: list, unlearned: dict) -> list[estimate.Phase]:
+    """What main will compute, for estimate.say_plan: the original's fine-tuning (--finetune-epochs), each
+    unlearning run, and each model's evaluation, whose stage names hold the judge's (fitted during the
+    run): every evaluation is counted as to compute. Every stream is counted at the forget pairs' mean length."""
+    args, rps = run.args, run.rows_per_step
+    size = models.saved_bytes(args.model, args.precision, args.trust_remote_code)
+    cut = args.max_answer_tokens or float("inf")
+    mean = sum(min(estimate.qa_tokens(tok, style, r["question"], r["answer"]), cut) for r in forget) / len(forget)
+    finetuned = [estimate.Stage(original, estimate.rows_trained(len(forget), args.finetune_epochs, rps, args.max_steps)
+                                * mean, disk=size)]
+    # an evaluation: each prompt answered to --max-new-tokens, and about as many tokens scored (the unseen
+    # answer pairs, TruthfulQA's reference answers, the replies' fluency under the original)
+    per_eval = 2 * sum(len(qs) for qs in eval_sets.values()) * (mean + args.max_new_tokens)
+    watched = 2 * (len(eval_sets["unseen"]) + len(eval_sets["truthfulqa"])) * (mean + args.max_new_tokens)
+
+    def cost(path, variant, confirm: bool) -> estimate.Stage:
+        m = variant.method
+        streams = 1 + (m.template is not None) + m.needs_retain(variant.params)
+        evals = steps // args.eval_every if args.eval_every and (confirm or not grid.on) else 0
+        return estimate.Stage(path, steps * rps * mean * streams, steps * rps * mean * len(m.reference)
+                              + evals * watched, size)
+    confirm = [(estimate.LATER, v) for v in variants for _ in grid.confirm_seeds] if grid.on else []
+    runs = [cost(p, c.variant, False) for c, p in zip(grid.cells(variants), unlearned.values())]
+    runs += [cost(p, v, True) for p, v in confirm]
+    named = {"base": base, "original": original, **unlearned}
+    n_models = sum(p is not None for p in named.values()) + len(confirm)
+    return [estimate.Phase("fine-tuning (original)", finetuned if args.finetune_epochs else [], "--max-steps N"),
+            estimate.Phase("unlearning", runs, "--max-steps N"),
+            estimate.Phase("evaluation", [estimate.Stage(estimate.LATER, forward=per_eval)] * n_models,
+                           "--eval-prompts N")] + zeroshot.plan(run, named, len(confirm))
 
 
 ATTACKS = ("relearn", "quant8", "quant4", "jailbreak")  # PKU and HaluEval have no paraphrased questions

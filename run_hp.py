@@ -35,6 +35,7 @@ import numpy as np
 import attacks
 import corpora
 import data
+import estimate
 import evaluate
 import flags
 import methods
@@ -160,24 +161,22 @@ def main(argv=None) -> dict:
 
     # -- 1. the original model: the base model fine-tuned on the forget text; the reference is the base model
     original = run.stage("finetune", "original", text=data.digest(d["finetune"]))
+    ev = Evaluation(run, sets, wiki_eval, book_eval, d["muse"])
+    grid, variants = flags.grid(args), flags.variants(args)
+    stage = lambda cell: unlearning_stage(run, cell, original, forget, refusals, wiki_passages, retain_pool, ev)  # noqa: E731
+    estimate.say_plan(run.say, hp_plan(run, tok, d, original, ev, grid, variants,
+                                       {c.label: stage(c)[0] for c in grid.cells(variants)}),
+                      models.parameter_count(args.model, args.trust_remote_code), run.compute)  # before any stage
     if run.missing(original):
         run.fit(original, args.model, methods.FINETUNE, None, lr=args.finetune_lr, epochs=(
             corpora.text_epoch(d["finetune"], run.rows_per_step, rng)
             for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
 
     # -- 2. unlearning from the original model: each forget chunk's prompt, its continuation and a template
-    ev = Evaluation(run, sets, wiki_eval, book_eval, d["muse"])
-
     def unlearn(cell: protocol.Cell) -> Path:
-        label, method, params = cell.variant
-        templates = {"refusal": refusals if args.template == "refusal" else wiki_passages,
-                     "random": wiki_passages, None: None}[method.template]  # llmu: a random WikiText passage
-        retain = retain_pool if method.needs_retain(params) else None
-        cell_args = cell.args(args)  # its learning rate and seed (in a grid, --eval-every on the confirmation runs only)
-        path = run.stage("unlearn", cell.label, cell_args, original=original, method=method.name,
-                         params=method.read_params(params), rows=data.digest(forget, retain, templates),
-                         eval_key=ev.key if cell_args.eval_every else None)
+        path, cell_args, templates, retain = stage(cell)
         if run.missing(path):
+            _, method, params = cell.variant
             run.fit(path, original, method, params, lr=cell.lr, args=cell_args,
                     progress=ev.progress if cell_args.eval_every else None, epochs=(
                         corpora.chunk_unlearning_epoch(forget, args.prompt_tokens, templates, retain,
@@ -185,7 +184,6 @@ def main(argv=None) -> dict:
                         for rng in data.epoch_rngs(args.epochs, cell.seed)))
         return path
 
-    grid, variants = flags.grid(args), flags.variants(args)
     if grid.on:  # a line per unlearning and evaluation stage: done / total, time, estimate left
         run.track(2 * grid.size(len(variants)) + 2)
     unlearned = {}
@@ -223,6 +221,60 @@ def main(argv=None) -> dict:
                                                                    if d["muse"] else {}))
     print_table(report, args)
     return report
+
+
+def unlearning_stage(run: stages.Run, cell: protocol.Cell, original, forget: list, refusals: list,
+                     wiki_passages: list, retain_pool: list, ev: "Evaluation") -> tuple:
+    """A cell's unlearning stage: where it lives, the flags it reads (its learning rate and seed; in a grid,
+    --eval-every on the confirmation runs only), its template continuations and its retain chunks."""
+    args, (_, method, params) = run.args, cell.variant
+    templates = {"refusal": refusals if args.template == "refusal" else wiki_passages,
+                 "random": wiki_passages, None: None}[method.template]  # llmu: a random WikiText passage
+    retain = retain_pool if method.needs_retain(params) else None
+    cell_args = cell.args(args)
+    return run.stage("unlearn", cell.label, cell_args, original=original, method=method.name,
+                     params=method.read_params(params), rows=data.digest(forget, retain, templates),
+                     eval_key=ev.key if cell_args.eval_every else None), cell_args, templates, retain
+
+
+def hp_plan(run: stages.Run, tok, d: dict, original, ev: "Evaluation", grid: protocol.Grid, variants: list,
+            unlearned: dict) -> list[estimate.Phase]:
+    """What main will compute, for estimate.say_plan: the original's fine-tuning, each unlearning run (a
+    grid's confirmation runs too, decided during the run), each model's evaluation and zero-shot scores.
+    Every stream of a method is counted at the chunk length; MUSE's texts at 4 characters a token."""
+    args, rps = run.args, run.rows_per_step
+    size = models.saved_bytes(args.model, args.precision, args.trust_remote_code)
+    chunk = args.chunk_tokens
+    finetuned = [estimate.Stage(original, estimate.rows_trained(len(d["finetune"]), args.finetune_epochs, rps,
+                                                                args.max_steps) * chunk, disk=size)]
+    # an evaluation: each forget and held-out chunk continued from its prompt and scored; perplexity chunks;
+    # MUSE's VerbMem prompts continued to 128 tokens, KnowMem's few-shot prompts to 32, PrivLeak's texts
+    per_eval = 2 * chunk * sum(len(v) for v in ev.sets.values()) + chunk * (len(ev.wiki_eval) + len(ev.book_eval))
+    muse = d["muse"]
+    if muse:
+        shots = {s: sum(len(q["question"]) + len(q["answer"]) for q in muse[f"knowmem_{s}_icl"]) for s in ("forget", "retain")}
+        per_eval += sum(len(p["prompt"]) / 4 + 128 for p in muse["verbmem"])
+        per_eval += sum((shots["forget"] + len(q["question"])) / 4 + 32 for q in muse["knowmem_forget"])
+        per_eval += sum((shots["retain"] + len(q["question"])) / 4 + 32 for q in muse["knowmem_retain"][:args.eval_chunks])
+        per_eval += sum(len(t) / 4 for t in muse["privleak_forget"] + muse["privleak_holdout"])
+    rows = estimate.rows_trained(len(d["forget"]), args.epochs, rps, args.max_steps)
+    watched = 2 * chunk * len(ev.sets["forget"]) + chunk * len(ev.wiki_eval)
+
+    def cost(path, variant, confirm: bool) -> estimate.Stage:
+        m = variant.method
+        streams = 1 + (m.template is not None) + m.needs_retain(variant.params)
+        evals = rows / rps // args.eval_every if args.eval_every and (confirm or not grid.on) else 0
+        return estimate.Stage(path, rows * chunk * streams, rows * chunk * len(m.reference) + evals * watched, size)
+    confirm = [(estimate.LATER, v) for v in variants for _ in grid.confirm_seeds] if grid.on else []
+    runs = [cost(p, c.variant, False) for c, p in zip(grid.cells(variants), unlearned.values())]
+    runs += [cost(p, v, True) for p, v in confirm]
+    named = {"reference": args.model, "original": original, **unlearned}
+    evaluations = [estimate.Stage(ev.stage(n, p), forward=per_eval) for n, p in named.items()]
+    evaluations += [estimate.Stage(estimate.LATER, forward=per_eval) for _ in confirm]
+    phases = [estimate.Phase("fine-tuning (original)", finetuned, "--max-steps N"),
+              estimate.Phase("unlearning", runs, "--max-steps N"),
+              estimate.Phase("evaluation", evaluations, "--eval-chunks N, --ppl-chunks N")]
+    return phases + zeroshot.plan(run, named, len(confirm))
 
 
 def evaluated(ev: "Evaluation", paths: dict, ref: dict | None = None) -> dict:
@@ -306,10 +358,14 @@ class Evaluation:
         self.key = run.key("eval", sets=data.digest(sets, wiki_eval, book_eval, muse))
         self._watch = None
 
+    def stage(self, name: str, path) -> Path:
+        """Where the evaluation of model `path` lives."""
+        return self.run.stage("eval", name, sets=data.digest(self.sets, self.wiki_eval, self.book_eval, self.muse),
+                              model=path)
+
     def __call__(self, name: str, path) -> dict:
         run, args, c = self.run, self.run.args, self.run.compute
-        cache = run.stage("eval", name, sets=data.digest(self.sets, self.wiki_eval, self.book_eval, self.muse),
-                          model=path)
+        cache = self.stage(name, path)
         if run.missing(cache):
             model, tok = models.load_model(str(path), c.device, c.eval_dtype,
                                            trust_remote_code=args.trust_remote_code)

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import attacks
 import data
+import estimate
 import evaluate
 import flags
 import methods
@@ -132,6 +133,12 @@ def main(argv=None) -> dict:
     target = args.target_model or run.stage("finetune", "target", rows=data.digest(retain, forget))
     retain_model = args.retain_model or (None if retain_logs else run.stage("finetune", "retain",
                                                                             rows=data.digest(retain)))
+    grid, variants = flags.grid(args), flags.variants(args)
+    watched = run.key("eval", sets=data.digest(eval_sets)) if args.eval_every else None  # joins unlearning keys
+    stage = lambda cell: unlearning_stage(run, cell, target, forget, retain, idk, watched)  # noqa: E731
+    estimate.say_plan(run.say, tofu_plan(run, tok, style, forget, retain, eval_sets, target, retain_model, grid,
+                                         variants, {c.label: stage(c)[0] for c in grid.cells(variants)}),
+                      models.parameter_count(args.model, args.trust_remote_code), run.compute)  # before any stage
     for path, rows in [(target, retain + forget), (retain_model, retain)]:
         if run.missing(path):
             run.fit(path, args.model, methods.FINETUNE, None, lr=args.finetune_lr, epochs=(
@@ -140,26 +147,17 @@ def main(argv=None) -> dict:
 
     # -- 3. unlearning: one model per --method (and per learning rate and seed of a grid), each from the target
     progress = tofu_progress(run, eval_sets, retain_model, retain_logs) if args.eval_every else None
-    watched = run.key("eval", sets=data.digest(eval_sets)) if args.eval_every else None  # joins unlearning keys
 
     def unlearn(cell: protocol.Cell) -> Path:
-        label, method, params = cell.variant
-        # the second answer to each forget question: TOFU's "I don't know" lines, or (llmu, Yao et al.'s
-        # L_rdn) the answer of a random retain question
-        templates = {"refusal": idk, "random": [r["answer"] for r in retain], None: None}[method.template]
-        retain_rows = retain if method.needs_retain(params) else None
-        cell_args = cell.args(args)  # its learning rate and seed (in a grid, --eval-every on the confirmation runs only)
-        path = run.stage("unlearn", cell.label, cell_args, target=target, method=method.name,
-                         params=method.read_params(params), rows=data.digest(forget, retain_rows, templates),
-                         eval_key=watched if cell_args.eval_every else None)
+        path, cell_args, templates, retain_rows = stage(cell)
         if run.missing(path):
+            _, method, params = cell.variant
             run.fit(path, target, method, params, lr=cell.lr, args=cell_args,
                     progress=progress if cell_args.eval_every else None, epochs=(
                         data.unlearning_epoch(tok, style, forget, templates, retain_rows, run.rows_per_step, rng)
                         for rng in data.epoch_rngs(args.epochs, cell.seed)))
         return path
 
-    grid, variants = flags.grid(args), flags.variants(args)
     if grid.on:  # a line per unlearning and evaluation stage: done / total, time, estimate left
         run.track(2 * grid.size(len(variants)) + 2 - bool(retain_logs))
     unlearned = {}
@@ -199,6 +197,61 @@ def main(argv=None) -> dict:
                         **attacked, **compared)
     print_table(report, args)
     return report
+
+
+def unlearning_stage(run: stages.Run, cell: protocol.Cell, target, forget: list, retain: list, idk: list,
+                     watched: dict | None) -> tuple:
+    """A cell's unlearning stage: where it lives, the flags it reads (its learning rate and seed; in a grid,
+    --eval-every on the confirmation runs only), its template answers and its retain rows."""
+    _, method, params = cell.variant
+    # the second answer to each forget question: TOFU's "I don't know" lines, or (llmu, Yao et al.'s
+    # L_rdn) the answer of a random retain question
+    templates = {"refusal": idk, "random": [r["answer"] for r in retain], None: None}[method.template]
+    retain_rows = retain if method.needs_retain(params) else None
+    cell_args = cell.args(run.args)
+    return run.stage("unlearn", cell.label, cell_args, target=target, method=method.name,
+                     params=method.read_params(params), rows=data.digest(forget, retain_rows, templates),
+                     eval_key=watched if cell_args.eval_every else None), cell_args, templates, retain_rows
+
+
+def tofu_plan(run: stages.Run, tok, style: str, forget: list, retain: list, eval_sets: dict, target, retain_model,
+              grid: protocol.Grid, variants: list, unlearned: dict) -> list[estimate.Phase]:
+    """What main will compute, for estimate.say_plan: the fine-tunings, each unlearning run (a grid's
+    confirmation runs too, decided during the run), each model's evaluation and zero-shot scores, with
+    the tokens each reads. Every stream of a method is counted at the forget answers' mean length."""
+    args = run.args
+    size = models.saved_bytes(args.model, args.precision, args.trust_remote_code)
+    mean = lambda rows: sum(estimate.qa_tokens(tok, style, r["question"], r["answer"]) for r in rows) / len(rows)  # noqa: E731
+    trained = lambda rows, epochs: estimate.rows_trained(len(rows), epochs, run.rows_per_step, args.max_steps) * mean(rows)  # noqa: E731
+    finetuned = [estimate.Stage(target, trained(retain + forget, args.finetune_epochs), disk=size)]
+    finetuned += [estimate.Stage(retain_model, trained(retain, args.finetune_epochs), disk=size)] if retain_model else []
+    # an evaluation: every answer scored (the answer, its paraphrase, its perturbations), every question of the
+    # four generation sets answered to --max-new-tokens
+    scored = lambda sets: sum(mean(rows) * sum(1 + len(r.get("perturbed_answer", [])) + ("paraphrased_answer" in r)  # noqa: E731
+                                               for r in rows) + (len(rows) * args.max_new_tokens if name != "holdout" else 0)
+                              for name, rows in sets.items() if rows)
+    per_eval = scored(eval_sets)
+    watched = scored({k: v[:args.eval_items] for k, v in eval_sets.items() if k != "holdout"})
+    steps = estimate.rows_trained(len(forget), args.epochs, run.rows_per_step, args.max_steps) / run.rows_per_step
+
+    def cost(path, variant, confirm: bool) -> estimate.Stage:
+        m = variant.method
+        streams = 1 + (m.template is not None) + m.needs_retain(variant.params)
+        evals = steps // args.eval_every if args.eval_every and (confirm or not grid.on) else 0
+        rows = trained(forget, args.epochs) / mean(forget)
+        return estimate.Stage(path, rows * mean(forget) * streams,
+                              rows * mean(forget) * len(m.reference) + evals * watched, size)
+    confirm = [(estimate.LATER, v) for v in variants for _ in grid.confirm_seeds] if grid.on else []
+    runs = [cost(p, c.variant, False) for c, p in zip(grid.cells(variants), unlearned.values())]
+    runs += [cost(p, v, True) for p, v in confirm]
+    named = {"target": target, "retain": retain_model, **unlearned}
+    sets = data.digest(eval_sets)
+    evaluations = [estimate.Stage(run.stage("eval", n, sets=sets, model=p), forward=per_eval) for n, p in named.items() if p]
+    evaluations += [estimate.Stage(estimate.LATER, forward=per_eval) for _ in confirm]
+    phases = [estimate.Phase("fine-tuning (target, retain)", finetuned, "--max-steps N"),
+              estimate.Phase("unlearning", runs, "--max-steps N"),
+              estimate.Phase("evaluation", evaluations, "--eval-items N")]
+    return phases + zeroshot.plan(run, named, len(confirm))
 
 
 def tofu_eval_sets(args: Args) -> dict[str, list[dict]]:

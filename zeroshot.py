@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import data
+import estimate
 import models
 import tables
 from errors import DataError, UsageError
@@ -177,6 +178,7 @@ class Task(NamedTuple):
     name: str
     config: dict | str
     about: dict
+    rows: tuple = ()  # a local task's documents (for estimate: how many requests it makes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +232,48 @@ def _local_task(name: str, dirs: list[Path]) -> Task:
     config[f"{t.split}_split"] = t.split
     about = {"files": {str(f): s for f, s in t.files}, "yaml_sha256": hashlib.sha256(yaml.read_bytes()).hexdigest(),
              "rows": len(rows), "lm_eval": lm_eval.__version__}
-    return Task(name, config, about)
+    return Task(name, config, about, tuple(rows))
+
+
+# lm-eval makes one log-likelihood request per answer choice of a document: (its context, that choice).
+_CHOICE_LIST = lambda r: r["choices"]["text"]  # noqa: E731
+REQUESTS = {"boolq": lambda r: (r["passage"] + r["question"], ["no", "yes"]),
+            "rte": lambda r: (r["sentence1"] + r["sentence2"], ["True", "False"]),
+            "winogrande": lambda r: (r["sentence"], [r["option1"], r["option2"]]),
+            "arc_challenge": lambda r: (r["question"], _CHOICE_LIST(r)),
+            "arc_easy": lambda r: (r["question"], _CHOICE_LIST(r)),
+            "openbookqa": lambda r: (r["question_stem"], _CHOICE_LIST(r)),
+            "piqa": lambda r: (r["goal"], [r["sol1"], r["sol2"]]),
+            "truthfulqa_mc1": lambda r: (r["question"], r["mc1_targets"]["choices"]),
+            "truthfulqa_mc2": lambda r: (r["question"], r["mc2_targets"]["choices"])}
+
+
+def requests(tasks: list[Task], limit: int | None) -> tuple[int, int, list[str]]:
+    """What a model's zero-shot evaluation asks of it: (log-likelihood requests, characters of their
+    contexts and continuations, and the names of stock tasks, whose documents are not here to count)."""
+    n = chars = 0
+    for t in tasks:
+        for r in t.rows[:limit or None]:
+            context, choices = REQUESTS[t.name](r)
+            n += len(choices)
+            chars += sum(len(context) + len(c) for c in choices)
+    return n, chars, [t.name for t in tasks if not t.rows]
+
+
+def plan(run, paths: dict, later: int = 0) -> list:
+    """The zero-shot phase of a run's plan (estimate.say_plan): a stage per model of `paths` and per model
+    decided during the run (`later`), each its requests at about 4 characters a token; [] without --zero-shot."""
+    args = run.args
+    tasks = resolve(args.zero_shot, args.zero_shot_data)
+    if not tasks:
+        return []
+    n, chars, _ = requests(tasks, args.zero_shot_limit)
+    scored = [run.stage("zeroshot", name, model=p, tasks=key(tasks)) for name, p in paths.items() if p]
+    each = dict(forward=chars / 4, share="lm-eval", fixed_s=n * estimate.PER_REQUEST_S)
+    return [estimate.Phase(f"zero-shot ({n} requests per model)",
+                           [estimate.Stage(p, **each) for p in scored]
+                           + [estimate.Stage(estimate.LATER, **each) for _ in range(later)],
+                           "--zero-shot-limit N")]
 
 
 def _dataset(split: str, rows: list[dict]):

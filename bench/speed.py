@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import data
+import estimate
 import evaluate
 import flags
 import methods
@@ -277,20 +278,6 @@ def worker_memory(cfg: dict) -> dict:
         return {"peak_gb": float("nan"), "fits": False}
 
 
-def matmul_rate(device: str, dtype, n: int, reps: int = 10) -> float:
-    """FLOP/s of an n x n matrix multiply on this device, the best of a few timed repetitions."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
 WORKERS = {"train": worker_train, "eval": worker_eval, "memory": worker_memory}
 
 
@@ -367,7 +354,7 @@ def main(argv=None) -> None:
     items = args.eval_items if args.eval_items is not None else (100 if cuda else 16)
     gcs = {"on": [True], "off": [False], "both": [False, True]}[args.gc or ("both" if cuda else "off")]
     dtype = torch.bfloat16 if cuda else torch.float32
-    rate = matmul_rate(args.device, dtype, 8192 if cuda else 2048)
+    rate = estimate.matmul_rate(args.device, dtype, 8192 if cuda else 2048)
     lines = ["# Benchmark results\n",
              f"`python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}` on {date.today()}, "
              f"{machine(args.device)}.\n",

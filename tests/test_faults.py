@@ -637,6 +637,20 @@ def test_every_setting_of_a_feature_declares_its_switch_and_is_refused_without_i
         flags.check_switches(flags.parse_args(runner.Args, [*on, flag, value]))  # with its switch on: accepted
 
 
+def test_every_loss_setting_at_1e300_is_refused_up_front_with_its_range():
+    """Above float32's largest number a setting is inf in the loss: refused before any work, not at the
+    first unlearning step (methods.py derives each range; tests/test_flat.py checks its edges)."""
+    for runner in RUNNERS.values():
+        for f in dataclasses.fields(methods.LossParams):
+            if f.type not in (float, "float"):
+                continue
+            reader = next(n for n, m in methods.LOSSES.items() if f.name in m.params)
+            extra = ["--npo-retain"] if f.name == "retain_weight" and reader in ("npo", "simnpo") else []
+            flag = f"--{f.name.replace('_', '-')}"
+            with pytest.raises(UsageError, match=rf"^{flag} 1e\+300: must be in \[.*3\.4e38\]"):
+                flags.parse(runner.Args, ["--method", reader, flag, "1e300", *extra], runner.resolve, runner.check)
+
+
 def test_every_loss_hyperparameter_is_accepted_with_a_method_that_reads_it():
     for f in dataclasses.fields(methods.LossParams):
         value = "true" if f.type in (bool, "bool") else ("js" if f.name == "divergence" else "0.5")

@@ -1,4 +1,5 @@
 """flat.py against slow, obviously-correct references on random tensors with padding."""
+import dataclasses
 import math
 
 import numpy as np
@@ -378,3 +379,45 @@ def test_losses_are_finite_at_probability_one_and_near_zero():
             x = torch.full((2,), p, dtype=torch.float32)
             assert torch.isfinite(flat.flat_loss(p_forget=x, p_template=x, divergence=name)).all(), (name, p)
     assert np.isfinite(float(flat.npo_loss(torch.tensor([-500.0]), torch.tensor([0.0]))))
+
+
+def _first_step(setting: str, value: float) -> list[tuple[torch.Tensor, list]]:
+    """(loss, gradients) of each loss reading `setting` at `value`, on the inputs of a first unlearning
+    step: the model equals its reference (log-ratios and KL terms exactly 0), answer log-probabilities -1."""
+    p = dict(beta=0.1, simnpo_beta=2.5, simnpo_delta=0.0, retain_weight=1.0, eps1=0.5, eps2=1.0, eps3=1.0)
+    p[setting] = value
+    losses = {"beta": [lambda x, z: flat.npo_loss(x * 20, x.detach() * 20, p["beta"]),
+                       lambda x, z: flat.dpo_loss(x * 20, x * 20, x.detach() * 20, x.detach() * 20, p["beta"])],
+              "simnpo_beta": [lambda x, z: flat.simnpo_loss(x, p["simnpo_beta"], p["simnpo_delta"])],
+              "retain_weight": [lambda x, z: flat.kl_loss(x, z, p["retain_weight"]),
+                                lambda x, z: flat.gd_loss(x, x, p["retain_weight"]),
+                                lambda x, z: flat.idk_loss(x, x, p["retain_weight"])],
+              "eps1": [lambda x, z: flat.llmu_loss(x, x, z, p["eps1"], p["eps2"], p["eps3"])]}
+    losses["simnpo_delta"], losses["eps2"], losses["eps3"] = losses["simnpo_beta"], losses["eps1"], losses["eps1"]
+    out = []
+    for loss_fn in losses[setting]:
+        logp, zero = torch.full((3,), -1.0, requires_grad=True), torch.zeros(3, requires_grad=True)
+        loss = loss_fn(logp, zero)
+        loss.sum().backward()
+        out.append((loss, [g for g in (logp.grad, zero.grad) if g is not None]))
+    return out
+
+
+def _finite(results) -> bool:
+    return all(torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads) for loss, grads in results)
+
+
+def test_loss_setting_ranges_are_where_the_first_step_is_finite():
+    """methods' derived ranges: at each edge the first step's losses and gradients are finite in float32;
+    just outside (an edge that the derivation says is tight) one of them is not, and the range refuses it."""
+    f32 = torch.finfo(torch.float32).max
+    edges = {"beta": (2 / f32, f32), "simnpo_beta": (2 / f32, f32), "simnpo_delta": (None, f32),
+             "retain_weight": (None, f32), "eps1": (None, f32), "eps2": (None, f32), "eps3": (None, f32)}
+    fields = {f.name: f for f in dataclasses.fields(methods.LossParams)}
+    for setting, (low, high) in edges.items():
+        check = fields[setting].metadata["check"]
+        for inside, outside in [(low * 1.001, low * 0.999) if low else (None, None), (high, high * 1.001)]:
+            if inside is None:
+                continue
+            assert check.ok(inside) and _finite(_first_step(setting, inside)), (setting, inside)
+            assert not check.ok(outside) and not _finite(_first_step(setting, outside)), (setting, outside)

@@ -130,6 +130,9 @@ def test_every_task_scores_as_a_slow_loop_over_its_published_format(tiny_model_d
         assert out["summary"][f"zeroshot_{t.name}_items"] == limit
     mean = sum(out["summary"][f"zeroshot_{t.name}"] for t in tasks) / len(tasks)
     assert out["summary"]["zeroshot_mean"] == pytest.approx(mean)
+    # the run's plan (estimate) counts the requests lm-eval made: one log-likelihood per answer choice
+    made = sum(len(lls) for t in tasks for lls in out["items"][t.name]["loglikelihoods"])
+    assert zeroshot.requests(tasks, limit)[0] == made
 
 
 def test_the_vendored_files_are_the_recorded_releases_in_full():
