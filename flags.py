@@ -86,6 +86,9 @@ class RunArgs(methods.LossParams):
     model: str = arg("smollm2-135m", "model alias (models.MODELS), local directory or Hub id")
     method: str = arg("flat", "unlearning loss(es): a key of methods.LOSSES, a comma-separated list "
                               "(flat:kl,flat:js,npo: FLAT with each divergence) or 'all'", only=())
+    lr: float | None = arg(None, "unlearning learning rate, or a comma list of them: a comparison of methods, each at "
+                                 "its own learning rate (docs/claims.md)", only=("unlearn",), check=LEARNING_RATE,
+                           grid=True)
     weight_decay: float = arg(0.01, "AdamW weight decay", check=NON_NEGATIVE)
     max_grad_norm: float = arg(1.0, "gradient clipping norm", check=POSITIVE)
     max_steps: int | None = arg(None, "cap on optimiser steps in every training stage (smoke runs)", check=AT_LEAST_1)
@@ -291,15 +294,17 @@ def check_out_dir(out: Path, args=None) -> None:
 
 def check_grid_disk(args) -> None:
     """A comparison saves one model per unlearning run (selection and confirmation): refused up front
-    when they would not fit the free space where the run directory is (or would be)."""
-    runs = grid(args).size(len(variants(args)))
-    each = models.saved_bytes(args.model, args.precision, args.trust_remote_code)
+    when they would not fit the free space where the run directory is (or would be). Unlearned models
+    already in --out count as saved (a resumed grid needs room for the rest only)."""
     p = Path(args.out or ".").resolve()
+    saved = len(list(p.glob("unlearn-*/config.json"))) if args.out else 0
+    runs = max(0, grid(args).size(len(variants(args))) - saved)
+    each = models.saved_bytes(args.model, args.precision, args.trust_remote_code)
     while not p.exists():
         p = p.parent
     free = shutil.disk_usage(p).free
     if runs * each > free:
-        raise UsageError(f"the grid saves {runs} unlearned models of about {each / 1e9:.2f} GB each, "
+        raise UsageError(f"the grid saves {runs} more unlearned models of about {each / 1e9:.2f} GB each, "
                          f"{runs * each / 1e9:.1f} GB, and {p} has {free / 1e9:.1f} GB free: fewer learning rates, "
                          f"seeds or methods, or another --out")
 

@@ -60,9 +60,6 @@ class Args(flags.RunArgs):
     forget_items: Optional[int] = arg(None, "use the first N forget pairs (default: all)", check=AT_LEAST_1)
     steps: Optional[int] = arg(None, "unlearning optimiser steps (the forget pairs are shuffled and cycled)",
                                only=("unlearn",), check=AT_LEAST_1)
-    lr: Optional[float] = arg(None, "unlearning learning rate, or a comma list of them: a comparison of methods, "
-                                    "each at its own learning rate (docs/claims.md)", only=("unlearn",),
-                              check=LEARNING_RATE, grid=True)
     nll_bar: float = arg(1.1, "a comparison's selection rule: a learning rate qualifies when its mean TruthfulQA "
                               "answer NLL is at most this times the original model's (protocol.HARMFUL)", only=(),
                          check=flags.POSITIVE, needs=flags.GRID)

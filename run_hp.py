@@ -85,9 +85,6 @@ class Args(flags.RunArgs):
                                         only=("eval",), check=AT_LEAST_1)
     ppl_chunks: int = arg(16, "WikiText-2 and held-out-book chunks scored for perplexity", only=("eval",),
                           check=AT_LEAST_1)
-    lr: Optional[float] = arg(None, "unlearning learning rate, or a comma list of them: a comparison of methods, "
-                                    "each at its own learning rate (docs/claims.md)", only=("unlearn",),
-                              check=LEARNING_RATE, grid=True)
     ppl_bar: float = arg(1.1, "a comparison's selection rule: a learning rate qualifies when its mean WikiText "
                               "perplexity is at most this times the reference model's (protocol.BOOK)", only=(),
                          check=flags.POSITIVE, needs=flags.GRID)

@@ -56,9 +56,6 @@ class Args(flags.RunArgs):
     eval_items: Optional[int] = arg(None, "score at most N items of the retain, real-author and world-fact sets "
                                           "(and of every set in in-training evaluations)", only=("eval",),
                                     check=AT_LEAST_1)
-    lr: Optional[float] = arg(None, "unlearning learning rate, or a comma list of them: a comparison of methods, "
-                                    "each at its own learning rate (docs/claims.md)", only=("unlearn",),
-                              check=LEARNING_RATE, grid=True)
     epochs: Optional[int] = arg(None, "unlearning epochs over the forget set", only=("unlearn",), check=AT_LEAST_1)
     batch_size: Optional[int] = arg(None, "examples per micro-batch (in every training stage)", check=AT_LEAST_1)
     grad_accum: Optional[int] = arg(None, "micro-batches per optimiser step", check=AT_LEAST_1)

@@ -118,7 +118,7 @@ def test_bad_seed_lists_and_bars_are_one_line_before_any_work(tiny_model_dir, tm
 def test_a_grid_larger_than_the_free_disk_is_refused(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(models, "saved_bytes", lambda *a, **k: 10**15)  # a petabyte per model
     fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), "--lr", "1e-4,1e-3"], capsys,
-                  tmp_path / "x", "the grid saves 2 unlearned models")
+                  tmp_path / "x", "the grid saves 2 more unlearned models")
 
 
 def test_one_lr_and_one_seed_keep_the_stage_key_and_name_of_a_run_without_a_grid(tiny_model_dir):
