@@ -30,7 +30,6 @@ class Cell(NamedTuple):
     variant: object  # flags.Variant(label, method, params)
     lr: float
     seed: int
-    confirm: bool = False  # a confirmation run (reported) rather than a selection run (seen by the rule)
     watched: bool = True   # evaluated during unlearning with --eval-every (in a grid: the confirmation runs)
 
     def args(self, args):
@@ -84,7 +83,7 @@ class Grid:
 
     def confirmations(self, variants, chosen: dict) -> list[Cell]:
         """Each method's chosen learning rate (select) on every --confirm-seeds seed."""
-        return [Cell(cell_label(v.label, chosen[v.label].lr, s), v, chosen[v.label].lr, s, confirm=True)
+        return [Cell(cell_label(v.label, chosen[v.label].lr, s), v, chosen[v.label].lr, s)
                 for v in variants if chosen[v.label].lr is not None for s in self.confirm_seeds]
 
     def size(self, n_methods: int) -> int:
