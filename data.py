@@ -302,27 +302,31 @@ def epoch_rngs(epochs: int, seed: int):
     return (rng for _ in range(epochs))
 
 
-def unlearning_epoch(tokenizer, style: str, forget: list[dict], templates: list[str] | None,
+def unlearning_epoch(tokenizer, style: str, forget: list[dict], templates: list[str] | list[list[str]] | None,
                      retain: list[dict] | None, rows_per_step: int, rng: random.Random,
                      max_answer_tokens: int | None = None) -> list[dict]:
     """One epoch of unlearning steps.
 
     Each forget example (x_f, y_f) gets, when the method needs them, a template answer y_e drawn
-    uniformly from `templates` for the same question x_f, and a uniformly drawn retain example
-    (x_r, y_r). Draws come from `rng` (seeded by the run), fresh every epoch. Each step is
+    uniformly from `templates` for the same question x_f (a list every question shares, or one list
+    per forget example: its own answers, e.g. the pair's safe response), and a uniformly drawn retain
+    example (x_r, y_r). Draws come from `rng` (seeded by the run), fresh every epoch. Each step is
     {"forget": rows, "template": rows, "retain": rows} with the streams it needs; the rows of one
     stream align with the forget rows. Answers are cut at max_answer_tokens (see encode_qa).
     """
     if not forget:
         raise DataError("the forget set is empty")
     cut = dict(max_answer_tokens=max_answer_tokens)
+    per_row = bool(templates) and isinstance(templates[0], list)
+    if per_row and len(templates) != len(forget):
+        raise ValueError(f"{len(templates)} lists of templates for {len(forget)} forget examples")
     encoded, index_steps = _qa_steps(tokenizer, style, forget, rows_per_step, rng, **cut)
     steps = []
     for idx in index_steps:
         step = {"forget": [encoded[i] for i in idx]}
         if templates is not None:
-            step["template"] = [encode_qa(tokenizer, style, forget[i]["question"], rng.choice(templates), **cut)
-                                 for i in idx]
+            step["template"] = [encode_qa(tokenizer, style, forget[i]["question"],
+                                          rng.choice(templates[i] if per_row else templates), **cut) for i in idx]
         if retain is not None:
             picks = [retain[rng.randrange(len(retain))] for _ in idx]
             step["retain"] = [encode_qa(tokenizer, style, r["question"], r["answer"], **cut) for r in picks]

@@ -89,6 +89,9 @@ class RunArgs(methods.LossParams):
     lr: float | None = arg(None, "unlearning learning rate, or a comma list of them: a comparison of methods, each at "
                                  "its own learning rate (docs/claims.md)", only=("unlearn",), check=LEARNING_RATE,
                            grid=True)
+    method_lrs: str = arg("", "each method's own learning rate, METHOD=LR,... (flat:kl=1e-4,ga=3e-5); methods not "
+                              "named use --lr (default: the protocol's choices for the model, when its runner has them "
+                              "and --lr is not given; docs/claims.md)", only=())
     weight_decay: float = arg(0.01, "AdamW weight decay", check=NON_NEGATIVE)
     max_grad_norm: float = arg(1.0, "gradient clipping norm", check=POSITIVE)
     max_steps: int | None = arg(None, "cap on optimiser steps in every training stage (smoke runs)", check=AT_LEAST_1)
@@ -146,8 +149,10 @@ def parse_args(cls, argv=None):
     """Parse flags into the dataclass `cls`: one flag per field (--max-steps and --max_steps both work),
     its help and default in --help. Unknown flags fail."""
     hints = typing.get_type_hints(cls)
+    extra = [f"  {name:<11} {m.help}" for name, m in getattr(cls, "METHODS", {}).items() if m.help]
     parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
-                                     allow_abbrev=False)
+                                     epilog="--method also takes:\n" + "\n".join(extra) if extra else None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
         if typing.get_origin(typ) in (typing.Union, types.UnionType):
@@ -236,7 +241,11 @@ def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | Non
         args = resolve(args)
     validate(args)
     methods.DIVERGENCES.check(args.divergence)
-    grid(args)
+    for name, _ in grid(args).own:  # a misspelt method would silently train at --lr
+        table, (loss, _, divergence) = getattr(args, "METHODS", methods.LOSSES), name.partition(":")
+        table.check(loss)
+        if divergence:
+            methods.DIVERGENCES.check(divergence)
     variants(args)
     models.check_name(args.model, args.trust_remote_code)
     if args.lora:
@@ -343,20 +352,21 @@ class Variant(NamedTuple):
 
 def variants(args) -> list[Variant]:
     """--method as a list of Variant(label, Method, LossParams): "flat", "npo,ga", "flat:kl,flat:js"
-    (FLAT with each divergence) or "all" (every loss in methods.LOSSES). A name
-    without a divergence uses --divergence. Unknown names raise with the valid ones."""
-    spec = args.method
+    (FLAT with each divergence) or "all" (every loss in methods.LOSSES); a runner whose Args has a
+    METHODS table takes its names too (run_harmful: the alignment baselines). A name without a
+    divergence uses --divergence. Unknown names raise with the valid ones."""
+    spec, table = args.method, getattr(args, "METHODS", methods.LOSSES)  # run_harmful adds methods.ALIGNMENT
     names = list(methods.LOSSES) if spec == "all" else [s.strip() for s in spec.split(",")]
     out = []
     for name in names:
         loss, _, divergence = name.partition(":")
-        methods.LOSSES.check(loss)
+        table.check(loss)
         if divergence:
             if loss != "flat":
                 raise UnknownName(f"{name!r}: only flat takes a divergence (flat:kl, flat:js, ...)")
             methods.DIVERGENCES.check(divergence)
         params = dataclasses.replace(loss_params(args), divergence=divergence or args.divergence)
-        out.append(Variant(name, methods.LOSSES[loss], params))
+        out.append(Variant(name, table[loss], params))
     if len({v.label for v in out}) != len(out):
         raise UnknownName(f"--method {spec!r} names a method twice")
     return out

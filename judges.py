@@ -150,22 +150,9 @@ def balanced(rows: list[tuple], n: int, rng: random.Random) -> list[tuple]:
     return pos[:n // 2] + neg[:n - n // 2]
 
 
-def harm_judge(args, out: Path, forget: list[dict], held_out: list[dict], compute: models.Compute, style_of):
-    """The judge --judge names. The probe is fitted once per setting (its key: the labelled rows it is
-    fitted and measured on, the layer, the penalty, the model) and cached under --out; its held-out
-    accuracy and AUC are printed every time it is used. `args` supplies model, judge, judge_layer,
-    judge_train_items, judge_eval_items, judge_l2, seed and trust_remote_code."""
-    if args.judge != "probe":
-        judge = ClassifierJudge(args.judge, compute.device, args.trust_remote_code)
-        print(f"[judge] {args.judge}: harmful labels {judge.about['harmful_labels']}")
-        return judge
-    model, tok = models.load_model(args.model, compute.device, compute.eval_dtype,
-                                   trust_remote_code=args.trust_remote_code)
-    style = style_of(tok)
-    n_layers = model.config.num_hidden_layers
-    layer = args.judge_layer if args.judge_layer is not None else n_layers // 2
-    if not -n_layers - 1 <= layer <= n_layers:
-        raise ValueError(f"--judge-layer {layer}: {args.model} has hidden states 0..{n_layers} (or -1..-{n_layers + 1})")
+def probe_rows(args, forget: list[dict], held_out: list[dict]) -> tuple[list, list, list]:
+    """The probe's labelled (prompt, response, harmful) rows: those it is fitted on (responses to the forget
+    prompts), measured on (to held-out prompts) and the off-topic ones it is checked on, drawn with --seed."""
     rng = random.Random(args.seed)
     train_rows = balanced([(r["question"], r["answer"], 1) for r in forget]
                           + [(r["question"], r["safe_answer"], 0) for r in forget if r.get("safe_answer")],
@@ -182,6 +169,34 @@ def harm_judge(args, out: Path, forget: list[dict], held_out: list[dict], comput
     train_rows += [(r["question"], rng.choice(tofu[:half]), 0) for r in rng.sample(forget, min(n_off, len(forget)))]
     offtopic_rows = [(p["question"], rng.choice(tofu[half:]), 0)
                      for p in rng.sample(held_out, min(args.judge_eval_items // 2, len(held_out)))]
+    return train_rows, eval_rows, offtopic_rows
+
+
+def prompts_seen_by_judge(args, forget: list[dict], held_out: list[dict]) -> set[str]:
+    """Every prompt the probe is fitted, measured or checked on (what data must stay clear of the judge,
+    e.g. a reward model's); none for a classifier --judge (its training data is not this project's)."""
+    if args.judge != "probe":
+        return set()
+    return {row[0] for rows in probe_rows(args, forget, held_out) for row in rows}
+
+
+def harm_judge(args, out: Path, forget: list[dict], held_out: list[dict], compute: models.Compute, style_of):
+    """The judge --judge names. The probe is fitted once per setting (its key: the labelled rows it is
+    fitted and measured on, the layer, the penalty, the model) and cached under --out; its held-out
+    accuracy and AUC are printed every time it is used. `args` supplies model, judge, judge_layer,
+    judge_train_items, judge_eval_items, judge_l2, seed and trust_remote_code."""
+    if args.judge != "probe":
+        judge = ClassifierJudge(args.judge, compute.device, args.trust_remote_code)
+        print(f"[judge] {args.judge}: harmful labels {judge.about['harmful_labels']}")
+        return judge
+    model, tok = models.load_model(args.model, compute.device, compute.eval_dtype,
+                                   trust_remote_code=args.trust_remote_code)
+    style = style_of(tok)
+    n_layers = model.config.num_hidden_layers
+    layer = args.judge_layer if args.judge_layer is not None else n_layers // 2
+    if not -n_layers - 1 <= layer <= n_layers:
+        raise ValueError(f"--judge-layer {layer}: {args.model} has hidden states 0..{n_layers} (or -1..-{n_layers + 1})")
+    train_rows, eval_rows, offtopic_rows = probe_rows(args, forget, held_out)
     key = dict(model=args.model, layer=layer, l2=args.judge_l2, precision=compute.precision,
                rows=data.digest(train_rows, eval_rows, offtopic_rows))
     cache = stages.stage_dir(out, "judge-probe", key).with_suffix(".json")

@@ -65,14 +65,18 @@ class Method:
     "ref_forget", "ref_template" (SeqStats under the frozen reference), "retain_kl" ((B,) tensor),
     "answer" (fine-tuning rows).
     """
-    call: Callable[[dict, LossParams], Tensor]
+    call: Callable[[dict, LossParams], Tensor] | None
     params: tuple = ()             # the LossParams fields `call` reads (a stage's key holds exactly these)
     template: str | None = None    # a second answer y_e to each forget question: "refusal" (a template
-    #                                such as "I don't know") or "random" (a random answer of the normal data)
+    #                                such as "I don't know"), "random" (a random answer of the normal data)
+    #                                or "safe" (the pair's own safe response: dpo-safe)
     retain: bool = False           # a retain (normal) example paired with each forget example
     reference: tuple = ()          # streams a frozen copy of the model before unlearning must score
     optional_retain: bool = False  # uses a retain example when params.npo_retain is set
     name: str = ""                 # its key in LOSSES (stage keys and logs name it)
+    answers: str | None = None     # fine-tuning methods: whose answers the "answer" rows hold ("safe": the
+    #                                forget prompts' safe responses; "normal": the normal data's)
+    help: str = ""                 # an alignment baseline's line in --help
 
     def needs_retain(self, params: LossParams) -> bool:
         return self.retain or (self.optional_retain and params.npo_retain)
@@ -119,3 +123,20 @@ LOSSES = Choices("loss", {name: replace(m, name=name) for name, m in _LOSSES.ite
 
 # Fine-tuning as a method: the mean answer-token NLL of the "answer" rows (data.finetune_epoch).
 FINETUNE = Method(lambda s, p: -s["answer"].logp_mean, name="finetune")
+
+# Yao et al.'s alignment baselines (run_harmful --task harmful; docs/harmful.md): what unlearning is
+# compared with, each trained from the same original model on the same prompts, with the data it needs
+# that unlearning does without. rlhf is trl's two loops, not this project's (alignment.py): call=None.
+ALIGNMENT = Choices("alignment baseline", {name: replace(m, name=name) for name, m in {
+    "sft": replace(FINETUNE, answers="safe",
+                   help="fine-tune on the safe responses to the forget prompts (positive examples)"),
+    "sft-normal": replace(FINETUNE, answers="normal",
+                          help="fine-tune on the normal data, TruthfulQA's training part (Yao et al.'s "
+                               "'fine-tuning on the remaining data')"),
+    "dpo-safe": replace(_LOSSES["dpo"], template="safe",
+                        help="DPO with each forget pair's safe response preferred to its harmful one, the "
+                             "original as reference (preference pairs)"),
+    "rlhf": Method(None, help="a reward model (trl's RewardTrainer) on preference pairs of held-out prompts, "
+                              "then RLOO (trl's RLOOTrainer) against it on the forget prompts"),
+}.items()})
+WITH_ALIGNMENT = Choices("method", {**LOSSES, **ALIGNMENT})  # --method of run_harmful --task harmful

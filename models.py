@@ -365,7 +365,7 @@ def check_model_dir(path: str, trust_remote_code: bool = False, causal: bool = T
     refused) whose headers parse and that hold every parameter of that architecture (weights that
     match nothing would otherwise load as a random initialisation); a tokenizer with a pad or an EOS
     token. Raises ModelLoadError naming the directory and what is wrong."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     where = f"{path!r} is a directory but not a model"
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ModelLoadError(f"{where}: it has no config.json")
@@ -388,10 +388,13 @@ def check_model_dir(path: str, trust_remote_code: bool = False, causal: bool = T
                 keys.update(st.keys())
         except Exception as e:  # any header or size error: the file is damaged
             raise ModelLoadError(f"{where}: {f.name} is damaged ({str(e).splitlines()[0]})") from None
+    # a reward model (a stage of run_harmful --method rlhf) is compared with its own architecture
+    reward = any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or ())
     if causal:  # a judge or an embedding model is not a causal LM: its parameters are not compared
         try:
             with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+                skeleton = (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_config(
+                    config, trust_remote_code=trust_remote_code)
         except (ValueError, KeyError) as e:
             raise ModelLoadError(f"{where}: {config.model_type} is not a causal language model ({e})") from None
         tied = set(getattr(skeleton, "_tied_weights_keys", None) or ()) if getattr(config, "tie_word_embeddings", False) \
@@ -485,6 +488,20 @@ def _load_pretrained(path: str, name: str, dtype, trust_remote_code: bool):
             f"or use the offline default --model smollm2-135m.")
     return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs),
             AutoTokenizer.from_pretrained(path, **kwargs))
+
+
+def load_pretrained(auto_class, name: str, dtype, trust_remote_code: bool = False, **kwargs):
+    """auto_class.from_pretrained of `name`'s weights (e.g. a sequence classifier built on a causal LM's
+    checkpoint): the local copy or cache first, the Hub only when it can be reached."""
+    path = _resolve(name)
+    try:
+        return auto_class.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                          trust_remote_code=trust_remote_code, **kwargs)
+    except OSError:
+        if os.path.isdir(path) or not hub_reachable():
+            raise ModelLoadError(f"cannot load {name!r} ({path}): not found locally and the Hugging Face Hub is "
+                                 f"unreachable") from None
+        return auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -48,7 +48,36 @@ def draw_all(report: dict, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     drawn = [tradeoff(report, out_dir / "tradeoff.png"), curves(report, out_dir / "curves.png")]
     drawn += [robustness(report, out_dir / "robustness.png")] if report.get("attacks") else []
+    drawn += [cost(report, out_dir / "cost.png")] if "rlhf" in (report.get("costs") or {}) else []
     return drawn + ([frontier(report, out_dir / "frontier.png")] if report.get("comparison") else [])
+
+
+def cost(report: dict, path: Path) -> Path:
+    """Harmful rate on unseen prompts against training time, one point per trained model (run_harmful with
+    rlhf among its methods), as Yao et al.'s Figure 1 pairs run time with alignment; the original model's
+    rate as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
+    colors = plt.get_cmap("tab10")
+    for i, (name, c) in enumerate(report["costs"].items()):
+        rate = report["methods"].get(name, {}).get("harmful_unseen")
+        if c["train_s"] is not None and rate is not None:
+            ax.scatter(c["train_s"] / 60, rate, s=60, color=colors(i % 10), zorder=3)
+            ax.annotate(name, (c["train_s"] / 60, rate), textcoords="offset points", xytext=(5, 4), fontsize=8,
+                        color=colors(i % 10))
+    original = (report.get("original") or {}).get("harmful_unseen")
+    if original is not None:
+        ax.axhline(original, color="black", linestyle="--", linewidth=1, label="original model")
+        ax.legend(fontsize=8, loc="best")
+    ax.set_xscale("log")
+    ax.set_xlabel("training time (minutes, wall-clock of every stage the row needed; log scale)", fontsize=9)
+    ax.set_ylabel("harmful rate on unseen prompts (lower is better)", fontsize=9)
+    ax.set_title(f"{report.get('title', 'harmful')}: alignment against its cost", fontsize=11)
+    ax.grid(True, alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
 
 
 def frontier(report: dict, path: Path) -> Path:

@@ -73,13 +73,28 @@ class Grid:
     seeds: tuple[int, ...]          # the selection seeds (--seeds; default --seed)
     confirm_seeds: tuple[int, ...]  # fresh seeds for the chosen learning rates (--confirm-seeds)
     on: bool
+    own: tuple = ()                 # (method, lr) pairs: each method's own learning rate (--method-lrs)
+
+    def lrs_of(self, variant) -> tuple[float, ...]:
+        """A method's learning rates: its own (--method-lrs; FLAT's by its divergence, flat:kl) when it has
+        one, else the run's (--lr)."""
+        own = dict(self.own)
+        for name in (variant.label, f"{variant.label}:{variant.params.divergence}"):
+            if name in own:
+                return (own[name],)
+        return self.lrs
+
+    def own_line(self, variants) -> str:
+        """The learning rate each method trains at, for a run whose methods have their own (--method-lrs)."""
+        return "[lr] " + ", ".join(f"{v.label} {'/'.join(f'{lr:g}' for lr in self.lrs_of(v))}" for v in variants) + \
+            " (--method-lrs, else --lr)"
 
     def cells(self, variants) -> list[Cell]:
         """The selection runs: every method x learning rate x seed."""
         if not self.on:
-            return [Cell(v.label, v, self.lrs[0], self.seeds[0]) for v in variants]
+            return [Cell(v.label, v, self.lrs_of(v)[0], self.seeds[0]) for v in variants]
         return [Cell(cell_label(v.label, lr, s), v, lr, s, watched=False)  # the reported runs are the ones watched
-                for v in variants for lr in self.lrs for s in self.seeds]
+                for v in variants for lr in self.lrs_of(v) for s in self.seeds]
 
     def confirmations(self, variants, chosen: dict) -> list[Cell]:
         """Each method's chosen learning rate (select) on every --confirm-seeds seed."""
@@ -87,7 +102,8 @@ class Grid:
                 for v in variants if chosen[v.label].lr is not None for s in self.confirm_seeds]
 
     def size(self, n_methods: int) -> int:
-        """Unlearning runs in all: the selection grid and the confirmations."""
+        """Unlearning runs in all: the selection grid and the confirmations (--method-lrs gives one
+        learning rate per method, and only where --lr is one)."""
         return n_methods * (len(self.lrs) * len(self.seeds) + (len(self.confirm_seeds) if self.on else 0))
 
 
@@ -95,13 +111,31 @@ def grid_of(args, lr_check=None, seed_check=None) -> Grid:
     """--lr (a number or a comma list), --seed, --seeds and --confirm-seeds as a Grid, every entry checked;
     --confirm-seeds must be fresh (none of --seeds) and needs --seeds (flags: needs=SEEDS)."""
     lrs = numbers(args.lr, float, "lr", lr_check)
+    own = method_lrs(getattr(args, "method_lrs", ""), lr_check)
+    if own and len(lrs) > 1:
+        raise UsageError(f"--method-lrs {args.method_lrs} with --lr {args.lr}: a grid sets every method's learning "
+                         f"rates; pass one or the other")
     seeds = numbers(args.seeds, int, "seeds", seed_check) if args.seeds else (args.seed,)
     confirm = numbers(args.confirm_seeds, int, "confirm-seeds", seed_check) if args.confirm_seeds else ()
     both = sorted(set(seeds) & set(confirm))
     if both:
         raise UsageError(f"--confirm-seeds {args.confirm_seeds}: {', '.join(map(str, both))} also in --seeds "
                          f"{args.seeds}; confirmation runs need seeds the selection did not see")
-    return Grid(lrs, seeds, confirm, on=len(lrs) > 1 or bool(args.seeds) or bool(confirm))
+    return Grid(lrs, seeds, confirm, on=len(lrs) > 1 or bool(args.seeds) or bool(confirm), own=own)
+
+
+def method_lrs(text: str, lr_check=None) -> tuple:
+    """--method-lrs `flat:kl=1e-4,ga=3e-5` as ((method, lr), ...), each learning rate checked."""
+    out = []
+    for entry in [e.strip() for e in text.split(",")] if text else []:
+        name, eq, value = entry.partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"--method-lrs {text}: {entry!r} is not METHOD=LR")
+        out.append((name.strip(), numbers(value, float, f"method-lrs {name.strip()}=", lr_check)[0]))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--method-lrs {text}: a method named twice")
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,13 +24,15 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, ClassVar, NamedTuple, Optional
 
 import numpy as np
 
+import alignment
 import attacks
 import corpora
 import data
+import distributed
 import estimate
 import evaluate
 import flags
@@ -42,7 +44,7 @@ import stages
 import tables
 import train
 import zeroshot
-from errors import Choices, UsageError
+from errors import Choices, DataError, UsageError
 from flags import AT_LEAST_1, NON_NEGATIVE, LEARNING_RATE, arg, one_of
 
 
@@ -53,10 +55,12 @@ HALLUCINATION = flags.Switch("--task hallucination", lambda a: a.task == "halluc
 
 @dataclass
 class Args(flags.RunArgs):
+    METHODS: ClassVar = methods.WITH_ALIGNMENT  # --method takes the alignment baselines too (--task harmful)
     task: str = arg("harmful", "'harmful' (PKU-SafeRLHF) or 'hallucination' (HaluEval QA)",
                     check=one_of("harmful", "hallucination"))
     method: str = arg("llmu", "unlearning loss(es): a key of methods.LOSSES (llmu, ga, flat, ...), a comma-separated "
-                              "list or 'all'", only=())
+                              "list or 'all'; with --task harmful also Yao et al.'s alignment baselines (listed "
+                              "below; each at the budget of its preset, BASELINE_BUDGETS)", only=())
     forget_items: Optional[int] = arg(None, "use the first N forget pairs (default: all)", check=AT_LEAST_1)
     steps: Optional[int] = arg(None, "unlearning optimiser steps (the forget pairs are shuffled and cycled)",
                                only=("unlearn",), check=AT_LEAST_1)
@@ -111,6 +115,27 @@ PRESETS = {
 }
 
 
+# The alignment baselines' budgets (--method sft,sft-normal,dpo-safe,rlhf; docs/harmful.md). sft and
+# sft-normal fine-tune for --steps optimiser steps of --batch-size x --grad-accum rows at --finetune-lr (their
+# loss is fine-tuning's), dpo-safe for --steps at --lr: the unlearning's own budget, so that the rows differ in
+# what they learn from, not in how long (this project's reading of Yao et al.'s comparison). RLHF's, per model:
+RLHF_BUDGETS = {
+    "paper": alignment.Budget(
+        reward_epochs=1, reward_lr=9e-6, reward_batch=8, rl_steps=1000, rl_lr=1e-6, samples=4, prompts_per_step=8,
+        kl=0.05, check_every=50, patience=3, min_gain=0.05,
+        source="reward model: one epoch at lr 9e-6 (InstructGPT's, Ouyang et al. 2022); RLOO: k = 4 samples per "
+               "prompt (Ahmadian et al. 2024), lr 1e-6 and KL 0.05 (trl's RLOO defaults), at most 1000 steps (Yao et "
+               "al.'s unlearning steps); stops earlier when the held-out reward plateaus"),
+    "smollm2-135m": alignment.Budget(
+        reward_epochs=2, reward_lr=5e-5, reward_batch=8, rl_steps=96, rl_lr=2e-5, samples=4, prompts_per_step=2,
+        kl=0.05, check_every=16, patience=2, min_gain=0.05,
+        source="this project's, for a 2-core CPU: the reward model two epochs of its few hundred pairs; RLOO k = 4 "
+               "(Ahmadian et al. 2024), KL 0.05 (trl's default), lr 2e-5 (between trl's 1e-6 and the unlearning's "
+               "1e-4 at this size), at most 96 steps of 2 prompts, 1.5x the unlearning's 64; stops earlier when the "
+               "held-out reward plateaus"),
+}
+
+
 def resolve(args: Args) -> Args:
     """Yao et al.'s settings, then the model's preset, for every flag left unset."""
     return flags.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {})})
@@ -124,6 +149,7 @@ def main(argv=None) -> dict:
     tqa_train, _, tqa_test = corpora.split_train_val_test(corpora.load_truthfulqa(args.data_dir, args.hub_data),
                                                           args.seed)
     d = task.load(args)
+    check_baseline_data(args, d)
     forget, n = d["forget"], args.eval_prompts
     eval_sets = {"seen": list(dict.fromkeys(r["question"] for r in forget))[:n], "unseen": d["unseen"],
                  "truthfulqa": [r["question"] for r in tqa_test[:n]]}
@@ -142,10 +168,13 @@ def main(argv=None) -> dict:
     ev = Evaluation(run, task, d, original, eval_sets, references)
     steps = min(args.steps, args.max_steps or args.steps)
     grid, variants = flags.grid(args), flags.variants(args)
+    if grid.own:
+        run.say(grid.own_line(variants))
     base = args.model if args.eval_base and args.finetune_epochs else None
-    stage = lambda cell: unlearning_stage(run, cell, original, forget, d["refusals"], tqa_train, steps, ev)  # noqa: E731
+    rlhf = rlhf_setting(run, d, eval_sets, tok, style) if "rlhf" in [v.label for v in variants] else None
+    stage = lambda cell: unlearning_stage(run, cell, original, d, tqa_train, steps, ev, tok, style, rlhf)  # noqa: E731
     estimate.say_plan(run.say, harmful_plan(run, tok, style, forget, eval_sets, original, base, steps, grid, variants,
-                                            {c.label: stage(c)[0] for c in grid.cells(variants)}),
+                                            {c.label: stage(c).path for c in grid.cells(variants)}, rlhf),
                       models.parameter_count(args.model, args.trust_remote_code), run.compute)  # before any stage
     if run.missing(original):  # Yao et al.'s warmup is for unlearning: none here
         run.fit(original, args.model, methods.FINETUNE, None, lr=args.finetune_lr,
@@ -154,16 +183,20 @@ def main(argv=None) -> dict:
                       for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
 
     # -- 2. unlearning: --steps optimiser steps over the shuffled, cycled forget pairs, one model per method
+    #       (an alignment baseline: over its own data, or RLHF's two stages, alignment.py)
+    trained: dict[str, Training] = {}
+
     def unlearn(cell: protocol.Cell) -> Path:
-        path, cell_args, templates, normal = stage(cell)
-        if run.missing(path):
-            _, method, params = cell.variant
-            run.fit(path, original, method, params, lr=cell.lr, max_steps=steps, args=cell_args,
-                    progress=ev.progress if cell_args.eval_every else None, epochs=(
-                        data.unlearning_epoch(tok, style, forget, templates, normal, run.rows_per_step, rng,
-                                              args.max_answer_tokens)
-                        for rng in data.epoch_rngs(math.ceil(args.steps * run.rows_per_step / len(forget)), cell.seed)))
-        return path
+        s = trained[cell.label] = stage(cell)
+        _, method, params = cell.variant
+        if method.name == "rlhf":
+            train_rlhf(run, s, original, tok, style)
+        elif run.missing(s.path):
+            run.fit(s.path, original, method, params, lr=s.args.lr, max_steps=steps, args=s.args,
+                    progress=ev.progress if s.args.eval_every else None,
+                    epochs=(s.epoch(rng) for rng in data.epoch_rngs(math.ceil(args.steps * run.rows_per_step / s.rows),
+                                                                    cell.seed)))
+        return s.path
 
     if grid.on:  # a line per unlearning and evaluation stage: done / total, time, estimate left
         run.track(2 * grid.size(len(variants)) + 1 + bool(base))
@@ -198,28 +231,123 @@ def main(argv=None) -> dict:
             reference, thresholds, grid)}
     attacked = robustness(run, {"original": original, **unlearned}, ev, forget, tok, style)  # --attacks
     report = run.finish(results, unlearned, {"original": original}, judge=ev.judge.about, benchmark=args.task,
-                        title=f"{args.task} | {args.model}", **attacked, **compared)
+                        title=f"{args.task} | {args.model}", costs=training_costs(run, trained), **attacked,
+                        **compared)
     print_table(report, args)
     return report
 
 
-def unlearning_stage(run: stages.Run, cell: protocol.Cell, original, forget: list, refusals: list, tqa_train: list,
-                     steps: int, ev: "Evaluation") -> tuple:
-    """A cell's unlearning stage: where it lives, the flags it reads (its learning rate and seed; in a grid,
-    --eval-every on the confirmation runs only), its second answers and its normal (retain) rows."""
+class Training(NamedTuple):
+    """A cell's training stage: where it lives, the flags it reads (its learning rate and seed; in a grid,
+    --eval-every on the confirmation runs only), one epoch of its steps (from the epoch's rng), the rows an
+    epoch holds, and what it learns from (the cost table: kind -> examples drawn from). rlhf: its reward
+    model's stage and flags, and its setting (RLHF)."""
+    path: Path
+    args: Args
+    epoch: Optional[Callable]
+    rows: int
+    examples: dict
+    reward: Optional[Path] = None
+    reward_args: Optional[Args] = None
+    rlhf: Optional["RLHF"] = None
+
+
+def unlearning_stage(run: stages.Run, cell: protocol.Cell, original, d: dict, tqa_train: list, steps: int,
+                     ev: "Evaluation", tok, style: str, rlhf: Optional["RLHF"]) -> Training:
     _, method, params = cell.variant
+    args, forget, cell_args = run.args, d["forget"], cell.args(run.args)
+    if method.name == "rlhf":
+        return rlhf_stages(run, cell_args, original, rlhf)
+    if method.answers:  # sft, sft-normal: fine-tuning (on the safe responses, on the normal data) at --finetune-lr
+        rows = safe_rows(forget) if method.answers == "safe" else tqa_train
+        cell_args = replace(cell_args, lr=args.finetune_lr)
+        path = run.stage("unlearn", cell.label, cell_args, original=original, method=method.name, steps_taken=steps,
+                         rows=data.digest(rows))
+        return Training(path, cell_args, lambda rng: data.finetune_epoch(tok, style, rows, run.rows_per_step, rng,
+                                                                         args.max_answer_tokens),
+                        len(rows), {"positive" if method.answers == "safe" else "normal": len(rows)})
     # llmu's second answer is Yao et al.'s random normal (TruthfulQA) answer; flat, idk and dpo answer
-    # with a refusal ("I don't know" for hallucinations)
-    templates = {"refusal": refusals, "random": corpora.random_answers(tqa_train), None: None}[method.template]
+    # with a refusal ("I don't know" for hallucinations); dpo-safe prefers each pair's own safe response
+    templates = {"refusal": d["refusals"], "random": corpora.random_answers(tqa_train), None: None,
+                 "safe": [[r["safe_answer"]] for r in forget] if method.template == "safe" else None}[method.template]
     normal = tqa_train if method.needs_retain(params) else None
-    cell_args = cell.args(run.args)
-    return run.stage("unlearn", cell.label, cell_args, original=original, method=method.name,
+    path = run.stage("unlearn", cell.label, cell_args, original=original, method=method.name,
                      params=method.read_params(params), steps_taken=steps, rows=data.digest(forget, normal, templates),
-                     eval_key=ev.key if cell_args.eval_every else None), cell_args, templates, normal
+                     eval_key=ev.key if cell_args.eval_every else None)
+    examples = {"pairs": len(forget)} if method.template == "safe" else {"negative": len(forget)}
+    if method.template == "refusal":
+        examples["refusal templates"] = len(templates)
+    if normal is not None or method.template == "random":
+        examples["normal"] = len(tqa_train)
+    return Training(path, cell_args, lambda rng: data.unlearning_epoch(tok, style, forget, templates, normal,
+                                                                       run.rows_per_step, rng, args.max_answer_tokens),
+                    len(forget), examples)
+
+
+def safe_rows(forget: list[dict]) -> list[dict]:
+    """Each forget pair's prompt answered with its safe response (sft's rows)."""
+    return [{"question": r["question"], "answer": r["safe_answer"]} for r in forget]
+
+
+# ---------------------------------------------------------------------------------------------
+# RLHF (--method rlhf): a reward model, then RLOO against it, both trl's (alignment.py)
+# ---------------------------------------------------------------------------------------------
+
+class RLHF(NamedTuple):
+    budget: alignment.Budget
+    pairs: list        # (prompt, safe, harmful): the reward model's fitting pairs
+    held: list         # the held-out pairs: its accuracy, and the prompts of the plateau rule
+    prompts: list      # RLOO's prompts: the forget prompts
+
+
+def rlhf_setting(run: stages.Run, d: dict, eval_sets: dict, tok, style: str) -> RLHF:
+    """RLHF's budget (RLHF_BUDGETS) and data: preference pairs of the held-out prompts that neither the judge
+    nor the evaluation sees (alignment.reward_data), and the forget prompts to run RLOO on."""
+    args = run.args
+    excluded = (judges.prompts_seen_by_judge(args, d["labelled"], d["held_out"]) | set(eval_sets["seen"])
+                | set(eval_sets["unseen"]) | {r["question"] for r in d["forget"]})
+    pairs, held = alignment.reward_data(d["held_out"], excluded, args.seed)
+    prompts = list(dict.fromkeys(r["question"] for r in d["forget"]))
+    alignment.check_prompts(tok, style, prompts + [q for q, _, _ in held])
+    return RLHF(RLHF_BUDGETS.get(args.model, RLHF_BUDGETS["paper"]), pairs, held, prompts)
+
+
+def rlhf_stages(run: stages.Run, cell_args: Args, original, rlhf: RLHF) -> Training:
+    """The reward model's stage and RLOO's, which reads it; each keyed by its part of the budget."""
+    b, args = rlhf.budget, run.args
+    reward_args = replace(cell_args, lr=b.reward_lr)
+    reward = run.stage("unlearn", "rlhf-reward", reward_args, original=original,
+                       pairs=data.digest(rlhf.pairs, rlhf.held), epochs=b.reward_epochs, batch=b.reward_batch,
+                       max_tokens=args.max_new_tokens)
+    policy_args = replace(cell_args, lr=b.rl_lr)
+    path = run.stage("unlearn", "rlhf", policy_args, original=original, reward=reward, budget=b.about(),
+                     prompts=data.digest(rlhf.prompts), max_new_tokens=args.max_new_tokens)
+    return Training(path, policy_args, None, len(rlhf.prompts),
+                    {"pairs": len(rlhf.pairs) + len(rlhf.held), "prompts": len(rlhf.prompts)}, reward, reward_args, rlhf)
+
+
+def train_rlhf(run: stages.Run, s: Training, original, tok, style: str) -> None:
+    """Fit the reward model, then RLOO against it (each unless cached)."""
+    args, b, c = run.args, s.rlhf.budget, run.compute
+    if run.missing(s.reward):
+        rm, log, about = alignment.fit_reward_model(original, tok, style, s.rlhf.pairs, s.rlhf.held, b, c,
+                                                    args.max_new_tokens, args.seed, args.max_steps,
+                                                    run.stage_name(s.reward), args.trust_remote_code)
+        run.say(f"[rlhf] reward model: pairwise accuracy {about['accuracy']:.3f} on its {about['pairs']} pairs, "
+                f"{about['held_out_accuracy']:.3f} on {about['held_out_pairs']} held-out ones")
+        run.save(s.reward, rm, tok, log, [], s.reward_args, reward_model=about)
+    if run.missing(s.path):
+        about = stages.read_json(s.reward / "reward_model.json")
+        rm = alignment.load_reward_model(s.reward, c, args.trust_remote_code)
+        policy, log, about = alignment.fit_rloo(original, rm, about["reward_sd"], tok, style, s.rlhf.prompts,
+                                                [q for q, _, _ in s.rlhf.held], b, c, args.max_new_tokens, args.seed,
+                                                args.max_steps, run.stage_name(s.path), args.trust_remote_code)
+        run.say(f"[rlhf] RLOO stopped at step {about['optimizer_steps']} of {about['step_budget']} ({about['stopped']})")
+        run.save(s.path, policy, tok, log, [], s.args, rlhf=about)
 
 
 def harmful_plan(run: stages.Run, tok, style: str, forget: list, eval_sets: dict, original, base, steps: int,
-                 grid: protocol.Grid, variants: list, unlearned: dict) -> list[estimate.Phase]:
+                 grid: protocol.Grid, variants: list, unlearned: dict, rlhf: Optional[RLHF]) -> list[estimate.Phase]:
     """What main will compute, for estimate.say_plan: the original's fine-tuning (--finetune-epochs), each
     unlearning run, and each model's evaluation, whose stage names hold the judge's (fitted during the
     run): every evaluation is counted as to compute. Every stream is counted at the forget pairs' mean length."""
@@ -236,6 +364,12 @@ def harmful_plan(run: stages.Run, tok, style: str, forget: list, eval_sets: dict
 
     def cost(path, variant, confirm: bool) -> estimate.Stage:
         m = variant.method
+        if m.name == "rlhf":  # the reward model's epochs over its pairs (2 responses each), then per RLOO step k
+            b, seq = rlhf.budget, mean + args.max_new_tokens  # samples of each prompt generated, then scored by
+            rl_steps = min(b.rl_steps, args.max_steps or b.rl_steps)  # the policy, its reference and the reward
+            rl = rl_steps * b.samples * b.prompts_per_step * seq
+            checks = (rl_steps // b.check_every + 1) * len(rlhf.held) * seq
+            return estimate.Stage(path, 2 * b.reward_epochs * len(rlhf.pairs) * mean + rl, 3 * rl + checks, 2 * size)
         streams = 1 + (m.template is not None) + m.needs_retain(variant.params)
         evals = steps // args.eval_every if args.eval_every and (confirm or not grid.on) else 0
         return estimate.Stage(path, steps * rps * mean * streams, steps * rps * mean * len(m.reference)
@@ -446,6 +580,53 @@ def check(args: Args) -> None:
     attacks.parse(args.attacks, ATTACKS)
     zeroshot.resolve(args.zero_shot, args.zero_shot_data)  # the task files, read and checked
     TASKS[args.task].check(args)
+    baselines = [v.label for v in flags.variants(args) if v.label in methods.ALIGNMENT]
+    named = f"--method {','.join(baselines)}"
+    if baselines and args.task != "harmful":
+        raise UsageError(f"{named}: alignment baselines of --task harmful (PKU-SafeRLHF's safe responses and "
+                         f"preference pairs); --task {args.task} has neither")
+    if baselines and flags.grid(args).on:
+        raise UsageError(f"{named}: the alignment baselines run at their declared budgets (RLHF_BUDGETS, "
+                         f"--finetune-lr, --lr), not in a comparison: drop them or the grid (--lr A,B, --seeds)")
+    if "rlhf" in baselines:
+        refused = {"--lora": args.lora, "--eval-every": args.eval_every, "torchrun": distributed.launched()}
+        for flag, on in refused.items():
+            if on:
+                raise UsageError(f"--method rlhf with {flag}: trl's trainers run here in one process on the whole "
+                                 f"model, and RLOO's progress is its held-out reward; drop {flag} or rlhf")
+
+
+def check_baseline_data(args: Args, d: dict) -> None:
+    """A baseline whose data the task lacks stops here, before any model loads."""
+    names = [v.label for v in flags.variants(args) if v.label in ("sft", "dpo-safe")]
+    lacking = sum(not r.get("safe_answer") for r in d["forget"])
+    if names and lacking:
+        raise DataError(f"--method {','.join(names)}: {lacking} of the {len(d['forget'])} forget pairs have no safe "
+                        f"response (a 'safe_answer' field)" + (", and the Hub's PKU-SafeRLHF is read without them"
+                                                               if args.hub_data else "")
+                        + f": {' and '.join(names)} train on them")
+
+
+def training_costs(run: stages.Run, trained: dict[str, Training]) -> dict:
+    """Per trained model: what it cost when it ran (stages.cost: wall-clock time and optimiser steps of its
+    stages, rlhf's two summed; None for a stage trained before costs were recorded), its budget, what it
+    learns from, and its time as a share of RLHF's (when rlhf ran)."""
+    out = {}
+    for label, s in trained.items():
+        parts = [stages.cost(p) for p in (s.reward, s.path) if p is not None]
+        known = all(parts)
+        out[label] = {"train_s": sum(p["train_s"] for p in parts) if known else None,
+                      "optimizer_steps": sum(p["optimizer_steps"] for p in parts) if known else None,
+                      "examples": s.examples, "lr": s.args.lr}
+        if s.rlhf is not None:
+            out[label].update(budget=s.rlhf.budget.about(), reward_model=stages.read_json(s.reward / "reward_model.json"),
+                              rlhf=stages.read_json(s.path / "rlhf.json"), reward_lr=s.reward_args.lr)
+        else:
+            out[label]["budget"] = {"steps": s.args.steps, "rows_per_step": run.rows_per_step, "lr": s.args.lr}
+    rlhf_s = out.get("rlhf", {}).get("train_s")
+    for c in out.values():
+        c["share_of_rlhf"] = c["train_s"] / rlhf_s if rlhf_s and c["train_s"] is not None else None
+    return out
 
 
 class Task(NamedTuple):
@@ -491,6 +672,7 @@ def print_table(report: dict, args: Args) -> None:
     zeroshot.print_table(report, ("base", "original"))
     tables.print_attack_tables(report, [task.table[0], ("refusal seen", "refusal_seen", ".1%")])
     tables.print_comparison(report, task.table + UTILITY + [zeroshot.COLUMN])
+    tables.print_costs(report)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ def main(argv=None) -> dict:
     original = run.stage("finetune", "original", text=data.digest(d["finetune"]))
     ev = Evaluation(run, sets, wiki_eval, book_eval, d["muse"])
     grid, variants = flags.grid(args), flags.variants(args)
+    if grid.own:
+        run.say(grid.own_line(variants))
     stage = lambda cell: unlearning_stage(run, cell, original, forget, refusals, wiki_passages, retain_pool, ev)  # noqa: E731
     estimate.say_plan(run.say, hp_plan(run, tok, d, original, ev, grid, variants,
                                        {c.label: stage(c)[0] for c in grid.cells(variants)}),

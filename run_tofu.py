@@ -90,8 +90,19 @@ PRESETS = {
 }
 
 
+# Each method's learning rate where the fair-comparison protocol chose it (docs/claims.md: the rule's pick
+# on seeds 0 and 1 among 1e-5, 3e-5, 1e-4, 3e-4): without --lr, each method trains at its own, and a method
+# the protocol did not run at the preset's lr. --lr sets one for every method.
+PROTOCOL_LRS = {
+    "smollm2-135m": "flat:kl=1e-4,flat:tv=1e-4,ga=1e-4,npo=1e-4,simnpo=1e-4,idk=1e-5,dpo=1e-5",
+}
+
+
 def resolve(args: Args) -> Args:
-    """TOFU's protocol, then the model's preset, for every flag left unset."""
+    """TOFU's protocol, then the model's preset, for every flag left unset; without --lr, each method's
+    learning rate from the protocol (PROTOCOL_LRS)."""
+    if args.lr is None and not args.method_lrs:
+        args.method_lrs = PROTOCOL_LRS.get(args.model, "")
     return flags.fill_defaults(args, {**TOFU_PROTOCOL, **PRESETS.get(args.model, {})})
 
 
@@ -131,6 +142,8 @@ def main(argv=None) -> dict:
     retain_model = args.retain_model or (None if retain_logs else run.stage("finetune", "retain",
                                                                             rows=data.digest(retain)))
     grid, variants = flags.grid(args), flags.variants(args)
+    if grid.own:
+        run.say(grid.own_line(variants))
     watched = run.key("eval", sets=data.digest(eval_sets)) if args.eval_every else None  # joins unlearning keys
     stage = lambda cell: unlearning_stage(run, cell, target, forget, retain, idk, watched)  # noqa: E731
     estimate.say_plan(run.say, tofu_plan(run, tok, style, forget, retain, eval_sets, target, retain_model, grid,

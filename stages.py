@@ -162,11 +162,15 @@ class Run:
                                  progress)
         self.save(path, model, tok, log, evals, args)
 
-    def save(self, path: Path, model, tok, log: list[dict], evals: list[dict], args=None) -> None:
-        """A trained model with its training log, in-training evaluations and flags (`args`, default the
-        run's: a grid's cell records its own learning rate and seed), atomically."""
+    def save(self, path: Path, model, tok, log: list[dict], evals: list[dict], args=None, **extra) -> None:
+        """A trained model with its training log, in-training evaluations, flags (`args`, default the
+        run's: a grid's cell records its own learning rate and seed) and what it cost (COST: the stage's
+        wall-clock time from run.missing to here and its optimiser steps), atomically. `extra`: more
+        JSON files (name without .json -> object)."""
         kind, name = self._stages[path]
-        extra = {"train_log.json": log}
+        extra = {"train_log.json": log, COST: {"train_s": round(time.time() - self._started[path], 1),
+                                               "optimizer_steps": log[-1]["step"] if log else 0},
+                 **{f"{k}.json": v for k, v in extra.items()}}
         if kind == "unlearn":
             extra.update({"eval_log.json": evals, "run_config.json": {**dataclasses.asdict(args or self.args),
                                                                        "method": name}})
@@ -518,6 +522,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+COST = "cost.json"  # in a trained stage's directory: what it cost when it ran (a cached stage keeps it)
+
+
+def cost(stage) -> dict | None:
+    """A trained stage's cost when it ran ({"train_s", "optimizer_steps", ...}); None for a model that is
+    not a stage of this project or was trained before costs were recorded."""
+    p = Path(stage) / COST
+    return read_json(p) if isinstance(stage, Path) and p.exists() else None
 
 
 def training_logs(stage: Path) -> dict:

@@ -65,3 +65,29 @@ def mean_sd_cell(m: dict | None, spec: str) -> str:
         return "-"
     text = format(m["mean"], spec) + (f" ± {format(m['sd'], spec)}" if m["sd"] is not None else "")
     return text + (f" (NaN in {m['missing']})" if m["missing"] else "")
+
+
+def print_costs(report: dict) -> None:
+    """What each trained model cost (report["costs"], run_harmful): what it learns from, its learning rate,
+    optimiser steps, wall-clock training time when it ran, and that time as a share of RLHF's; then RLHF's
+    reward model, why RLOO stopped, and where its budget comes from."""
+    costs = report.get("costs")
+    if not costs:
+        return
+    print("\nCost | training time: wall-clock of every stage the row needed, measured when it ran "
+          "(rlhf: reward model + RLOO)")
+    print("| model | learns from (examples) | lr | optimiser steps | training time | share of RLHF's time |")
+    print("|---|---|---|---|---|---|")
+    for name, c in costs.items():
+        learns = ", ".join(f"{n} {kind}" for kind, n in c["examples"].items())
+        lr = f"{c['lr']:g}" + (f" (reward model {c['reward_lr']:g})" if "reward_lr" in c else "")
+        time_s = "-" if c["train_s"] is None else f"{c['train_s']:.0f} s"
+        steps = "-" if c["optimizer_steps"] is None else str(c["optimizer_steps"])
+        share = "-" if c["share_of_rlhf"] is None else f"{c['share_of_rlhf']:.1%}"
+        print(f"| {name} | {learns} | {lr} | {steps} | {time_s} | {share} |")
+    for name, c in costs.items():
+        if "rlhf" in c:
+            rm, rl, b = c["reward_model"], c["rlhf"], c["budget"]
+            print(f"{name}: reward model pairwise accuracy {rm['accuracy']:.3f} on its {rm['pairs']} pairs, "
+                  f"{rm['held_out_accuracy']:.3f} on {rm['held_out_pairs']} held-out ones; RLOO stopped at step "
+                  f"{rl['optimizer_steps']} of {rl['step_budget']} ({rl['stopped']}); budget: {b['source']}")

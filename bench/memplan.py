@@ -125,7 +125,8 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoModelForCausalLM
     compute = models.Compute("cpu", precision, gc)
-    method, params = methods.FINETUNE if method_name == "finetune" else methods.LOSSES[method_name], methods.LossParams()
+    method, params = methods.FINETUNE if method_name == "finetune" else methods.WITH_ALIGNMENT[method_name], \
+        methods.LossParams()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     if lora:  # peft moves each adapter to its layer's device by swapping parameters, which a fake tensor
         with torch.device("meta"):  # refuses: the model is built on the meta device, then given fake storage
@@ -214,7 +215,7 @@ def worker_measure(cfg: dict) -> dict:
     device = cfg.get("device", "cpu")
     config = arch_config(cfg["model"])
     compute = models.Compute(device, cfg["precision"], cfg["gc"])
-    method = methods.FINETUNE if cfg["method"] == "finetune" else methods.LOSSES[cfg["method"]]
+    method = methods.FINETUNE if cfg["method"] == "finetune" else methods.WITH_ALIGNMENT[cfg["method"]]
     b = step_batch(method, config.vocab_size, cfg["batch"], cfg["length"])
     cuda = device.startswith("cuda")
     before = _reset_peak_rss() if not cuda else 0

@@ -54,7 +54,7 @@ BAD_HP = [(["--n-chunks", "-1"], "--n-chunks -1"), (["--held-out-fraction", "-0.
           (["--corpus", "muse-news", "--text", "x.txt"], "does nothing without --corpus book")]
 BAD_HARMFUL = [(["--steps", "0"], "--steps 0"), (["--eval-prompts", "0"], "--eval-prompts 0"),
                (["--task", "jokes"], "--task jokes"), (["--judge", "no/such-judge-dir/x"], "unknown model"),
-               (["--forget-items", "0"], "--forget-items 0"), (["--method", "llmu2"], "unknown loss 'llmu2'")]
+               (["--forget-items", "0"], "--forget-items 0"), (["--method", "llmu2"], "unknown method 'llmu2'; valid names: dpo, dpo-safe")]
 
 
 @pytest.mark.parametrize("argv,needle", BAD_TOFU, ids=lambda x: " ".join(x) if isinstance(x, list) else None)

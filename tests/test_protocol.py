@@ -121,6 +121,27 @@ def test_a_grid_larger_than_the_free_disk_is_refused(tiny_model_dir, tmp_path, c
                   tmp_path / "x", "the grid saves 2 more unlearned models")
 
 
+def test_each_method_trains_at_its_own_learning_rate_and_the_rest_at_lr(tiny_model_dir):
+    args = flags.parse(run_tofu.Args, ["--model", tiny_model_dir, "--method", "flat,flat:tv,ga,npo", "--lr", "2e-4",
+                                       "--method-lrs", "flat:kl=1e-5,flat:tv=3e-5,ga=1e-4"], run_tofu.resolve)
+    cells = flags.grid(args).cells(flags.variants(args))
+    # flat reads --divergence kl: flat:kl's rate; npo is not named: --lr's
+    assert [(c.label, c.lr) for c in cells] == [("flat", 1e-5), ("flat:tv", 3e-5), ("ga", 1e-4), ("npo", 2e-4)]
+    assert [c.args(args).lr for c in cells] == [1e-5, 3e-5, 1e-4, 2e-4]  # what each stage is keyed and trained by
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--method-lrs", "flta=1e-4"], "unknown loss 'flta'"),
+    (["--method-lrs", "flat:kk=1e-4"], "unknown divergence 'kk'"),
+    (["--method-lrs", "ga=-1"], "must be in (0, 3.4e38]"),
+    (["--method-lrs", "ga"], "'ga' is not METHOD=LR"),
+    (["--method-lrs", "ga=1e-4,ga=2e-4"], "a method named twice"),
+    (["--method-lrs", "ga=1e-4", "--lr", "1e-4,3e-4"], "a grid sets every method's learning rates")])
+def test_bad_method_lrs_are_one_line_before_any_work(tiny_model_dir, tmp_path, capsys, argv, says):
+    fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), *argv], capsys,
+                  tmp_path / "x", says)
+
+
 def test_one_lr_and_one_seed_keep_the_stage_key_and_name_of_a_run_without_a_grid(tiny_model_dir):
     args = flags.parse(run_tofu.Args, ["--model", tiny_model_dir, "--lr", "2e-4", "--seed", "3"], run_tofu.resolve)
     grid = flags.grid(args)
