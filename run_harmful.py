@@ -296,7 +296,8 @@ def safe_rows(forget: list[dict]) -> list[dict]:
 class RLHF(NamedTuple):
     budget: alignment.Budget
     pairs: list        # (prompt, safe, harmful): the reward model's fitting pairs
-    held: list         # the held-out pairs: its accuracy, and the prompts of the plateau rule
+    held: list         # the held-out pairs: its accuracy
+    watched: list      # their prompts, each once: the plateau rule's
     prompts: list      # RLOO's prompts: the forget prompts
 
 
@@ -309,7 +310,8 @@ def rlhf_setting(run: stages.Run, d: dict, eval_sets: dict, tok, style: str) -> 
     pairs, held = alignment.reward_data(d["held_out"], excluded, args.seed)
     prompts = list(dict.fromkeys(r["question"] for r in d["forget"]))
     alignment.check_prompts(tok, style, prompts + [q for q, _, _ in held])
-    return RLHF(RLHF_BUDGETS.get(args.model, RLHF_BUDGETS["paper"]), pairs, held, prompts)
+    return RLHF(RLHF_BUDGETS.get(args.model, RLHF_BUDGETS["paper"]), pairs, held,
+                list(dict.fromkeys(q for q, _, _ in held)), prompts)
 
 
 def rlhf_stages(run: stages.Run, cell_args: Args, original, rlhf: RLHF) -> Training:
@@ -321,7 +323,7 @@ def rlhf_stages(run: stages.Run, cell_args: Args, original, rlhf: RLHF) -> Train
                        max_tokens=args.max_new_tokens)
     policy_args = replace(cell_args, lr=b.rl_lr)
     path = run.stage("unlearn", "rlhf", policy_args, original=original, reward=reward, budget=b.about(),
-                     prompts=data.digest(rlhf.prompts), max_new_tokens=args.max_new_tokens)
+                     prompts=data.digest(rlhf.prompts, rlhf.watched), max_new_tokens=args.max_new_tokens)
     return Training(path, policy_args, None, len(rlhf.prompts),
                     {"pairs": len(rlhf.pairs) + len(rlhf.held), "prompts": len(rlhf.prompts)}, reward, reward_args, rlhf)
 
@@ -340,8 +342,8 @@ def train_rlhf(run: stages.Run, s: Training, original, tok, style: str) -> None:
         about = stages.read_json(s.reward / "reward_model.json")
         rm = alignment.load_reward_model(s.reward, c, args.trust_remote_code)
         policy, log, about = alignment.fit_rloo(original, rm, about["reward_sd"], tok, style, s.rlhf.prompts,
-                                                [q for q, _, _ in s.rlhf.held], b, c, args.max_new_tokens, args.seed,
-                                                args.max_steps, run.stage_name(s.path), args.trust_remote_code)
+                                                s.rlhf.watched, b, c, args.max_new_tokens, args.seed, args.max_steps,
+                                                run.stage_name(s.path), args.trust_remote_code)
         run.say(f"[rlhf] RLOO stopped at step {about['optimizer_steps']} of {about['step_budget']} ({about['stopped']})")
         run.save(s.path, policy, tok, log, [], s.args, rlhf=about)
 
@@ -368,7 +370,7 @@ def harmful_plan(run: stages.Run, tok, style: str, forget: list, eval_sets: dict
             b, seq = rlhf.budget, mean + args.max_new_tokens  # samples of each prompt generated, then scored by
             rl_steps = min(b.rl_steps, args.max_steps or b.rl_steps)  # the policy, its reference and the reward
             rl = rl_steps * b.samples * b.prompts_per_step * seq
-            checks = (rl_steps // b.check_every + 1) * len(rlhf.held) * seq
+            checks = (rl_steps // b.check_every + 1) * len(rlhf.watched) * seq
             return estimate.Stage(path, 2 * b.reward_epochs * len(rlhf.pairs) * mean + rl, 3 * rl + checks, 2 * size)
         streams = 1 + (m.template is not None) + m.needs_retain(variant.params)
         evals = steps // args.eval_every if args.eval_every and (confirm or not grid.on) else 0

@@ -54,6 +54,8 @@ def test_each_baseline_is_a_row_with_its_cost(baselines_run):
     assert rlhf["share_of_rlhf"] == 1.0 and rlhf["rlhf"]["stopped"] == "step budget"
     assert math.isclose(report["costs"]["ga"]["share_of_rlhf"], report["costs"]["ga"]["train_s"] / rlhf["train_s"])
     assert [p["step"] for p in rlhf["rlhf"]["held_out_reward"]] == [0, 2]
+    # the plateau rule reads each held-out prompt once, not once per pair (a prompt has several pairs)
+    assert 0 < rlhf["rlhf"]["held_out_prompts"] < rlhf["reward_model"]["held_out_pairs"]
     assert (baselines_run.out / "cost.png").stat().st_size > 0
     assert "| rlhf |" in baselines_run.first.stdout and "RLOO stopped at step 2 of 2 (step budget)" in \
         baselines_run.first.stdout
