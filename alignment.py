@@ -4,9 +4,11 @@ against it on the forget prompts (trl's RLOOTrainer). The standard recipe, not h
 is there to say what that recipe costs and reaches next to unlearning. The other baselines (sft,
 sft-normal, dpo-safe) are methods of this project's own loop (methods.ALIGNMENT).
 
-    train, held = reward_data(held_out, excluded, seed)    # pairs of prompts neither judge nor evaluation sees
-    rm, about = fit_reward_model(original, tok, style, train, held, budget, ...)
-    policy, log, about = fit_rloo(original, rm, tok, style, prompts, [q for q, _, _ in held], budget, ...)
+    rlhf = setting(budget, held_out, excluded, forget_prompts, tok, style, seed)  # pairs no judge or evaluation sees
+    rm, log, about = fit_reward_model(original, tok, style, rlhf.pairs, rlhf.held, budget, ...)
+    policy, log, about = fit_rloo(original, rm, about["reward_sd"], tok, style, rlhf.prompts, rlhf.watched, ...)
+
+(fit_stages runs the two as a runner's cached stages.)
 
 Why RLOO: trl 1.16 ships no PPO trainer. RLOO (Ahmadian et al., ACL 2024, "Back to Basics") is
 REINFORCE whose baseline for each of k samples of a prompt is the mean reward of the other k-1, with a
@@ -23,12 +25,15 @@ prompts whose mean reward decides when RLOO has plateaued.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +42,7 @@ from tqdm.auto import tqdm
 import data
 import evaluate
 import models
+import stages
 import train
 from errors import DataError, UsageError
 
@@ -86,6 +92,24 @@ def reward_data(held_out: list[dict], excluded: set[str], seed: int) -> tuple[li
     return pairs(prompts[:cut]), pairs(prompts[cut:])
 
 
+class Setting(NamedTuple):
+    budget: Budget
+    pairs: list        # (prompt, safe, harmful): the reward model's fitting pairs
+    held: list         # the held-out pairs: its accuracy
+    watched: list      # their prompts, each once: the plateau rule's
+    prompts: list      # RLOO's prompts, each once: the forget prompts
+
+
+def setting(budget: Budget, held_out: list[dict], excluded: set[str], forget_prompts: list[str], tok, style: str,
+            seed: int) -> Setting:
+    """RLHF's data (reward_data's pairs, RLOO's prompts), every prompt checked to reach trl as the evaluation
+    asks it (check_prompts)."""
+    pairs, held = reward_data(held_out, excluded, seed)
+    prompts = list(dict.fromkeys(forget_prompts))
+    check_prompts(tok, style, prompts + [q for q, _, _ in held])
+    return Setting(budget, pairs, held, list(dict.fromkeys(q for q, _, _ in held)), prompts)
+
+
 def prompt_text(tok, style: str, question: str) -> str:
     """The prompt as trl's trainers get it (text): what the evaluation's prompt ids decode from."""
     prompt, _ = data.prompt_and_answer(tok, style, question, "")
@@ -119,15 +143,10 @@ def load_reward_model(start, compute: models.Compute, trust_remote_code: bool = 
     head is new (drawn from `seed`), so transformers' "newly initialized" notice is silenced: it is
     trained next."""
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
     torch.manual_seed(seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with _quiet():
         model = models.load_pretrained(AutoModelForSequenceClassification, str(start), compute.train_dtype,
                                        trust_remote_code, num_labels=1)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     return model.to(compute.device)
 
 
@@ -193,10 +212,10 @@ def fit_rloo(start, reward_model, reward_sd: float, tok, style: str, prompts: li
     """trl's RLOOTrainer from `start` on `prompts` against the reward model, k = budget.samples completions
     of at most max_new_tokens per prompt, KL budget.kl to `start`. It stops at budget.rl_steps (or
     --max-steps) or when the mean reward of greedy replies to `held_prompts` plateaus (Budget), whichever
-    comes first. Returns (policy, training log, about: why it stopped, the held-out reward curve)."""
+    comes first. Returns (policy, training log, about: why it stopped, the held-out reward curve). The prompts
+are checked already (setting)."""
     import datasets
     from trl import RLOOConfig, RLOOTrainer
-    check_prompts(tok, style, prompts + held_prompts)
     torch.manual_seed(seed)
     policy, _ = models.load_model(str(start), compute.device, compute.train_dtype, trust_remote_code=trust_remote_code)
     policy.generation_config.eos_token_id = tok.eos_token_id
@@ -223,6 +242,28 @@ def fit_rloo(start, reward_model, reward_sd: float, tok, style: str, prompts: li
     about = {"stopped": "plateau" if plateau.stopped else "step budget", "optimizer_steps": done,
              "step_budget": steps, "held_out_prompts": len(held_prompts), "held_out_reward": plateau.curve}
     return policy, _log(trainer), about
+
+
+def fit_stages(run: stages.Run, rlhf: Setting, original, tok, style: str, reward: tuple[Path, object],
+               policy: tuple[Path, object]) -> None:
+    """The reward model, then RLOO against it, as the runner's two cached stages ((path, flags) each)."""
+    args, b, c = run.args, rlhf.budget, run.compute
+    (reward_path, reward_args), (policy_path, policy_args) = reward, policy
+    if run.missing(reward_path):
+        rm, log, about = fit_reward_model(original, tok, style, rlhf.pairs, rlhf.held, b, c, args.max_new_tokens,
+                                          args.seed, args.max_steps, run.stage_name(reward_path),
+                                          args.trust_remote_code)
+        run.say(f"[rlhf] reward model: pairwise accuracy {about['accuracy']:.3f} on its {about['pairs']} pairs, "
+                f"{about['held_out_accuracy']:.3f} on {about['held_out_pairs']} held-out ones")
+        run.save(reward_path, rm, tok, log, [], reward_args, reward_model=about)
+    if run.missing(policy_path):
+        about = stages.read_json(reward_path / "reward_model.json")
+        rm = load_reward_model(reward_path, c, args.trust_remote_code)
+        model, log, about = fit_rloo(original, rm, about["reward_sd"], tok, style, rlhf.prompts, rlhf.watched, b, c,
+                                     args.max_new_tokens, args.seed, args.max_steps, run.stage_name(policy_path),
+                                     args.trust_remote_code)
+        run.say(f"[rlhf] RLOO stopped at step {about['optimizer_steps']} of {about['step_budget']} ({about['stopped']})")
+        run.save(policy_path, model, tok, log, [], policy_args, rlhf=about)
 
 
 def plateaued(curve: list[float], patience: int, min_gain: float) -> bool:
@@ -316,7 +357,6 @@ def _log(trainer) -> list[dict]:
 
 def _left_padded(tok):
     """A copy of the tokenizer that pads on the left, as trl's generation needs."""
-    import copy
     left = copy.copy(tok)
     left.padding_side = "left"
     return left

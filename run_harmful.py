@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
         s = trained[cell.label] = stage(cell)
         _, method, params = cell.variant
         if method.name == "rlhf":
-            train_rlhf(run, s, original, tok, style)
+            alignment.fit_stages(run, s.rlhf, original, tok, style, (s.reward, s.reward_args), (s.path, s.args))
         elif run.missing(s.path):
             run.fit(s.path, original, method, params, lr=s.args.lr, max_steps=steps, args=s.args,
                     progress=ev.progress if s.args.eval_every else None,
@@ -241,7 +241,7 @@ class Training(NamedTuple):
     """A cell's training stage: where it lives, the flags it reads (its learning rate and seed; in a grid,
     --eval-every on the confirmation runs only), one epoch of its steps (from the epoch's rng), the rows an
     epoch holds, and what it learns from (the cost table: kind -> examples drawn from). rlhf: its reward
-    model's stage and flags, and its setting (RLHF)."""
+    model's stage and flags, and its setting (alignment.Setting)."""
     path: Path
     args: Args
     epoch: Optional[Callable]
@@ -249,11 +249,11 @@ class Training(NamedTuple):
     examples: dict
     reward: Optional[Path] = None
     reward_args: Optional[Args] = None
-    rlhf: Optional["RLHF"] = None
+    rlhf: Optional[alignment.Setting] = None
 
 
 def unlearning_stage(run: stages.Run, cell: protocol.Cell, original, d: dict, tqa_train: list, steps: int,
-                     ev: "Evaluation", tok, style: str, rlhf: Optional["RLHF"]) -> Training:
+                     ev: "Evaluation", tok, style: str, rlhf: Optional[alignment.Setting]) -> Training:
     _, method, params = cell.variant
     args, forget, cell_args = run.args, d["forget"], cell.args(run.args)
     if method.name == "rlhf":
@@ -289,33 +289,9 @@ def safe_rows(forget: list[dict]) -> list[dict]:
     return [{"question": r["question"], "answer": r["safe_answer"]} for r in forget]
 
 
-# ---------------------------------------------------------------------------------------------
-# RLHF (--method rlhf): a reward model, then RLOO against it, both trl's (alignment.py)
-# ---------------------------------------------------------------------------------------------
-
-class RLHF(NamedTuple):
-    budget: alignment.Budget
-    pairs: list        # (prompt, safe, harmful): the reward model's fitting pairs
-    held: list         # the held-out pairs: its accuracy
-    watched: list      # their prompts, each once: the plateau rule's
-    prompts: list      # RLOO's prompts: the forget prompts
-
-
-def rlhf_setting(run: stages.Run, d: dict, eval_sets: dict, tok, style: str) -> RLHF:
-    """RLHF's budget (RLHF_BUDGETS) and data: preference pairs of the held-out prompts that neither the judge
-    nor the evaluation sees (alignment.reward_data), and the forget prompts to run RLOO on."""
-    args = run.args
-    excluded = (judges.prompts_seen_by_judge(args, d["labelled"], d["held_out"]) | set(eval_sets["seen"])
-                | set(eval_sets["unseen"]) | {r["question"] for r in d["forget"]})
-    pairs, held = alignment.reward_data(d["held_out"], excluded, args.seed)
-    prompts = list(dict.fromkeys(r["question"] for r in d["forget"]))
-    alignment.check_prompts(tok, style, prompts + [q for q, _, _ in held])
-    return RLHF(RLHF_BUDGETS.get(args.model, RLHF_BUDGETS["paper"]), pairs, held,
-                list(dict.fromkeys(q for q, _, _ in held)), prompts)
-
-
-def rlhf_stages(run: stages.Run, cell_args: Args, original, rlhf: RLHF) -> Training:
-    """The reward model's stage and RLOO's, which reads it; each keyed by its part of the budget."""
+def rlhf_stages(run: stages.Run, cell_args: Args, original, rlhf: alignment.Setting) -> Training:
+    """RLHF's two stages (alignment.py): the reward model's and RLOO's, which reads it; each keyed by its
+    part of the budget."""
     b, args = rlhf.budget, run.args
     reward_args = replace(cell_args, lr=b.reward_lr)
     reward = run.stage("unlearn", "rlhf-reward", reward_args, original=original,
@@ -328,28 +304,18 @@ def rlhf_stages(run: stages.Run, cell_args: Args, original, rlhf: RLHF) -> Train
                     {"pairs": len(rlhf.pairs) + len(rlhf.held), "prompts": len(rlhf.prompts)}, reward, reward_args, rlhf)
 
 
-def train_rlhf(run: stages.Run, s: Training, original, tok, style: str) -> None:
-    """Fit the reward model, then RLOO against it (each unless cached)."""
-    args, b, c = run.args, s.rlhf.budget, run.compute
-    if run.missing(s.reward):
-        rm, log, about = alignment.fit_reward_model(original, tok, style, s.rlhf.pairs, s.rlhf.held, b, c,
-                                                    args.max_new_tokens, args.seed, args.max_steps,
-                                                    run.stage_name(s.reward), args.trust_remote_code)
-        run.say(f"[rlhf] reward model: pairwise accuracy {about['accuracy']:.3f} on its {about['pairs']} pairs, "
-                f"{about['held_out_accuracy']:.3f} on {about['held_out_pairs']} held-out ones")
-        run.save(s.reward, rm, tok, log, [], s.reward_args, reward_model=about)
-    if run.missing(s.path):
-        about = stages.read_json(s.reward / "reward_model.json")
-        rm = alignment.load_reward_model(s.reward, c, args.trust_remote_code)
-        policy, log, about = alignment.fit_rloo(original, rm, about["reward_sd"], tok, style, s.rlhf.prompts,
-                                                s.rlhf.watched, b, c, args.max_new_tokens, args.seed, args.max_steps,
-                                                run.stage_name(s.path), args.trust_remote_code)
-        run.say(f"[rlhf] RLOO stopped at step {about['optimizer_steps']} of {about['step_budget']} ({about['stopped']})")
-        run.save(s.path, policy, tok, log, [], s.args, rlhf=about)
+def rlhf_setting(run: stages.Run, d: dict, eval_sets: dict, tok, style: str) -> alignment.Setting:
+    """RLHF's budget (RLHF_BUDGETS) and data: preference pairs of the held-out prompts that neither the judge
+    nor the evaluation sees, and the forget prompts to run RLOO on."""
+    args = run.args
+    excluded = (judges.prompts_seen_by_judge(args, d["labelled"], d["held_out"]) | set(eval_sets["seen"])
+                | set(eval_sets["unseen"]) | {r["question"] for r in d["forget"]})
+    return alignment.setting(RLHF_BUDGETS.get(args.model, RLHF_BUDGETS["paper"]), d["held_out"], excluded,
+                             [r["question"] for r in d["forget"]], tok, style, args.seed)
 
 
 def harmful_plan(run: stages.Run, tok, style: str, forget: list, eval_sets: dict, original, base, steps: int,
-                 grid: protocol.Grid, variants: list, unlearned: dict, rlhf: Optional[RLHF]) -> list[estimate.Phase]:
+                 grid: protocol.Grid, variants: list, unlearned: dict, rlhf: Optional[alignment.Setting]) -> list[estimate.Phase]:
     """What main will compute, for estimate.say_plan: the original's fine-tuning (--finetune-epochs), each
     unlearning run, and each model's evaluation, whose stage names hold the judge's (fitted during the
     run): every evaluation is counted as to compute. Every stream is counted at the forget pairs' mean length."""
