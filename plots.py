@@ -138,7 +138,9 @@ def frontier(report: dict, path: Path) -> Path:
                     right.plot(*zip(*pts), style, color=colors(i % 10), marker=".", label=f"{method}: {name}")
         right.set_xlabel("optimiser step", fontsize=9)
         right.set_ylabel(" / ".join(name for _, name in watched), fontsize=9)
-        right.set_title(f"at the chosen learning rate, seed {confirm_seed} (--eval-every)", fontsize=9)
+        items = {e["items"] for es in evals.values() for e in es if "items" in e}  # the in-training evaluation's
+        right.set_title(f"at the chosen learning rate, seed {confirm_seed} (--eval-every"
+                        + (f"; first {max(items)} items of each set)" if items else ")"), fontsize=9)
         right.grid(True, alpha=0.3)
         right.legend(fontsize=7, loc="best", ncol=2)
     fig.suptitle(f"{report.get('title', report['benchmark'])}: {c['rule']}", fontsize=8, wrap=True)
@@ -226,9 +228,12 @@ def tradeoff(report: dict, path: Path) -> Path:
 
 def curves(report: dict, path: Path) -> Path:
     """One panel per method: the training loss (left axis) and the mean token probability of each
-    stream's answers (right axis) against the optimiser step, from the training logs."""
+    stream's answers (right axis) against the optimiser step, from the training logs. After a comparison,
+    the confirmation runs only: they are the reported ones, and a grid's every run would be dozens of panels."""
     plt = _pyplot()
     labels = list(report["methods"])
+    confirm = {str(s) for s in (report.get("comparison") or {}).get("confirm_seeds", [])}
+    labels = [label for label in labels if label.rpartition(",seed=")[2] in confirm] or labels
     cols = min(3, max(1, len(labels)))
     rows = -(-len(labels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(max(6.5, 4.2 * cols), 3.0 * rows + 0.6), dpi=90, squeeze=False)

@@ -267,7 +267,9 @@ def comparison(rule: Rule, chosen: dict[str, Choice], selection: dict[str, dict[
     bars, the grid, every selection point (as the rule saw it, with the spread over seeds of the metrics
     it read), each method's chosen learning rate, and the result, which is the confirmation runs alone
     (confirmed: by_method of them): mean ± sd and n of every number they report (None for a method
-    without confirmation runs)."""
+    without confirmation runs). Each choice also says whether the confirmed means pass the bars again
+    (`confirmed_passes`; None without confirmation runs): the rule chose on the selection seeds, and a
+    choice near a bar may fall below it on fresh ones."""
     read = (rule.objective, *(b.metric for b in rule.bars))
     spread = {m: {f"{lr:g}": {k: mean_sd(s.get(k) for s in runs) for k in read} for lr, runs in sorted(per.items())}
               for m, per in selection.items()}
@@ -284,7 +286,11 @@ def comparison(rule: Rule, chosen: dict[str, Choice], selection: dict[str, dict[
             "lrs": list(grid.lrs), "seeds": list(grid.seeds), "confirm_seeds": list(grid.confirm_seeds),
             "selection": {m: {f"{lr:g}": p for lr, p in c.points.items()} for m, c in chosen.items()},
             "spread": spread,
-            "chosen": {m: {"lr": c.lr, "passed": c.passed} for m, c in chosen.items()},
+            "chosen": {m: {"lr": c.lr, "passed": c.passed,
+                           "confirmed_passes": None if result[m] is None else all(
+                               result[m].get(b.metric, {}).get("mean") is not None
+                               and b.ok(result[m][b.metric]["mean"], reference[b.metric], thresholds[b.flag])
+                               for b in rule.bars)} for m, c in chosen.items()},
             "confirmed": result}
 
 

@@ -327,7 +327,7 @@ def tofu_progress(run: stages.Run, eval_sets: dict, retain_model, retain_logs) -
         tr = items["forget"]["truth_ratio"]
         return {"forget_quality": evaluate.forget_quality(tr, retain_tr[:len(tr)]),
                 "model_utility": summary["model_utility"], "forget_Q_A_Prob": summary["forget_Q_A_Prob"],
-                "retain_Q_A_Prob": summary["retain_Q_A_Prob"]}
+                "retain_Q_A_Prob": summary["retain_Q_A_Prob"], "items": len(tr)}  # fewer than the final evaluation's
     return train.once_at_step_0(progress)
 
 

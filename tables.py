@@ -40,7 +40,8 @@ def cell(row: dict, key: str, spec: str) -> str:
 
 def print_comparison(report: dict, columns: list[tuple[str, str, str]]) -> None:
     """A comparison's result (report["comparison"], protocol.comparison): per method the learning rate
-    the rule chose, whether it passed the bar, and the confirmation runs' mean ± sd (n) of each column."""
+    the rule chose, whether it passed the bar (on the selection seeds, and whether the confirmation runs'
+    means pass it again), and the confirmation runs' mean ± sd (n) of each column."""
     c = report.get("comparison")
     if not c:
         return
@@ -55,7 +56,9 @@ def print_comparison(report: dict, columns: list[tuple[str, str, str]]) -> None:
         row = c["confirmed"].get(method) or {}
         n = max((m["n"] for m in row.values()), default=0)
         lr = "-" if chosen["lr"] is None else f"{chosen['lr']:g}"
-        print(f"| {method} | {lr} | {'passed' if chosen['passed'] else 'FAILED'} | {n} | "
+        bar = ("FAILED" if not chosen["passed"] else
+               "passed; below it on the confirmation seeds" if chosen.get("confirmed_passes") is False else "passed")
+        print(f"| {method} | {lr} | {bar} | {n} | "
               + " | ".join(mean_sd_cell(row.get(k), f) for _, k, f in columns) + " |")
 
 

@@ -4,6 +4,11 @@ run, each in a fresh process, and whether every number came out the same.
 
     python -m bench --evaluation                         # SmolLM2-135M: bench/EVALUATION.md
     python -m bench --evaluation --models runs/tofu-smollm2-135m-forget01/target-XXXX --before REV
+    python -m bench --evaluation --precision bf16        # the working tree in fp32 against bf16 weights
+
+With --precision bf16 or mixed (an evaluation under either reads bf16 weights, models.Compute.eval_dtype)
+the two runs are today's evaluate.py in fp32 and in bf16, and the report adds how far each metric of
+the summary moved.
 
 Kinds of work: *scoring* (answer likelihoods: one pass per batch of questions, every answer on its
 prompt's KV cache, with per-token statistics where membership inference reads them), *generation*
@@ -55,7 +60,8 @@ def worker(cfg: dict) -> dict:
     args = run_tofu.resolve(run_tofu.Args())  # the offline default's sets and settings, whichever model is scored
     sets = run_tofu.tofu_eval_sets(args)
     torch.manual_seed(0)
-    model, tok = models.load_model(cfg["model"], "cpu", torch.float32)
+    dtype = models.resolve_compute("cpu", cfg.get("precision", "fp32")).eval_dtype
+    model, tok = models.load_model(cfg["model"], "cpu", dtype)
     style = models.prompt_style(cfg["model"], tok)
     seconds: dict[str, float] = {}
 
@@ -108,14 +114,20 @@ def compare(before: dict, now: dict) -> tuple[float, list[str]]:
 def table(args, out: Path) -> None:
     name = (args.models or ["smollm2-135m"])[0]
     rev = args.before or BEFORE
-    runs = {impl: spawn(dict(kind="evaluation", impl=impl, model=name), "bench.evaluation", exact_peak=False)
-            for impl in (rev, "now")}
-    before, now = runs[rev], runs["now"]
+    # with bf16 or mixed among --precision: fp32 against bf16 weights, both with today's code
+    low = next((p for p in args.precision.split(",") if p in ("bf16", "mixed")), None)
+    configs = ({"fp32": dict(impl="now", precision="fp32"), low: dict(impl="now", precision=low)}
+               if low else {rev: dict(impl=rev), "now": dict(impl="now")})
+    runs = {label: spawn(dict(kind="evaluation", model=name, **cfg), "bench.evaluation", exact_peak=False)
+            for label, cfg in configs.items()}
+    before, now = runs.values()
     worst, differ = compare({"summary": before["summary"], "items": before["items"]},
                             {"summary": now["summary"], "items": now["items"]})
+    what = (f"*before*: the working tree in fp32; *now*: the same with {low} (bf16 weights)" if low else
+            f"*before*: evaluate.py at `{rev}` ({git_rev(rev)}); *now*: the working tree")
     lines = ["# TOFU evaluation: where the time goes\n",
-             f"`python -m bench {' '.join(sys.argv[1:])}` on {date.today()}, {machine('cpu')}. Model: {name}. *before*: evaluate.py at `{rev}` "
-             f"({git_rev(rev)}); *now*: the working tree. Each in a fresh process, one after the other.\n",
+             f"`python -m bench {' '.join(sys.argv[1:])}` on {date.today()}, {machine('cpu')}. Model: {name}. {what}. "
+             f"Each in a fresh process, one after the other.\n",
              "| set | kind | before (s) | now (s) | speed-up |", "|---|---|---|---|---|"]
     for r in runs.values():  # metrics: what a set's evaluation spends beyond its two model passes
         sec = r["seconds"]
@@ -138,6 +150,13 @@ def table(args, out: Path) -> None:
     same = "every number and generation equal" if worst == 0 and not differ else \
         f"largest difference {worst:.3g}; differing keys or texts: {len(differ)} ({', '.join(differ[:5])})"
     lines += ["", f"Numbers (summary and every item, generations included): {same}."]
+    if low:
+        lines += ["", f"| metric | fp32 | {low} | difference |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v:.4g} | {now['summary'][k]:.4g} | {now['summary'][k] - v:+.3g} |"
+                  for k, v in before["summary"].items() if isinstance(v, float) and k in now["summary"]]
+        texts = [k for k in differ if ".generation[" in k]
+        lines += ["", f"Greedy generations that differ: {len(texts)} of "
+                      f"{sum('.generation[' in k for k in numbers(before['items']))}."]
     write_text_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -300,6 +300,16 @@ def positive(text: str) -> int:
     return value
 
 
+def precisions(text: str) -> str:
+    """An argparse type: one precision of models.PRECISIONS, or a comma list of them."""
+    names = text.split(",")
+    bad = [n for n in names if n not in models.PRECISIONS]
+    if bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of distinct precisions of "
+                                         f"{', '.join(models.PRECISIONS)}")
+    return text
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--device", default="cpu")
@@ -310,8 +320,9 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-items", type=positive, default=None, help="forget10 items evaluated (CPU 16, CUDA 100)")
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--gc", choices=["on", "off", "both"], default=None, help="gradient checkpointing (CPU off, CUDA both)")
-    ap.add_argument("--precision", default="auto", choices=list(models.PRECISIONS),
-                    help="auto: mixed (bf16 autocast over fp32 weights) on CUDA, fp32 on CPU")
+    ap.add_argument("--precision", default="auto", type=precisions,
+                    help="auto: mixed (bf16 autocast over fp32 weights) on CUDA, fp32 on CPU; a comma list (fp32,bf16) "
+                         "times our training step at each, the reference at the first")
     ap.add_argument("--memory", action="store_true", help="CUDA: measured peak memory at batch 16 x 512 tokens")
     ap.add_argument("--plan-memory", action="store_true",
                     help="estimate peak memory per setting on fake tensors (no GPU, no weights): bench/MEMORY.md")
@@ -329,7 +340,7 @@ def main(argv=None) -> None:
         print(json.dumps(WORKERS[cfg.pop("kind")](cfg)))
         return
     try:
-        compute = models.resolve_compute(args.device, args.precision)
+        compute = models.resolve_compute(args.device, args.precision.split(",")[0])
         for m in args.methods:
             methods.LOSSES.check(m)
         for name in args.models or []:
@@ -373,11 +384,11 @@ def main(argv=None) -> None:
         for gc in gcs:
             for m in args.methods:
                 res = {}
-                for impl in ("ours", "reference"):
-                    res[impl] = spawn(dict(kind="train", impl=impl, model=name, method=m, device=args.device, gc=gc,
-                                           precision=args.precision, batch_size=bs, steps=steps))
-                for impl in ("ours", "reference"):
-                    r = res[impl]
+                first, *more = args.precision.split(",")  # the reference at the first; ours at each
+                for impl, precision in [("ours", first), ("reference", first)] + [(f"ours ({p})", p) for p in more]:
+                    res[impl] = spawn(dict(kind="train", impl=impl.split()[0], model=name, method=m, device=args.device,
+                                           gc=gc, precision=precision, batch_size=bs, steps=steps))
+                for impl, r in res.items():
                     speed = res["reference"]["step_s"] / r["step_s"]
                     row = (f"| {name} | {m} | {'on' if gc else 'off'} | {impl} | {r['step_s']:.2f} | "
                            f"{r['tokens_per_s']:.0f} | {r['model_flops_per_s'] / rate:.0%} | {r['peak_gb']:.2f} | "

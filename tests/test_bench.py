@@ -58,7 +58,36 @@ def test_fast_tofu_evaluation_matches_the_reference_pattern(tiny_model_dir):
 def test_bench_runs_and_writes_its_table(tiny_model_dir, tmp_path):
     out = tmp_path / "RESULTS.md"
     bench.main(["--models", tiny_model_dir, "--methods", "flat", "--steps", "1", "--eval-items", "1",
-                "--out", str(out)])
+                "--precision", "fp32,bf16", "--out", str(out)])
     text = out.read_text()
     assert "| flat | off | ours |" in text and "| flat | off | reference |" in text
+    assert "| flat | off | ours (bf16) |" in text   # ours again at the second precision
     assert "| yes |" in text and "GFLOP/s" in text
+    for bad in ("fp32,fp32", "fp32,fp16"):
+        with pytest.raises(SystemExit):
+            bench.main(["--precision", bad, "--no-eval"])
+
+
+def test_the_precision_comparison_reports_each_metrics_drift(tmp_path, monkeypatch):
+    """`--evaluation --precision bf16`: the two runs are fp32 and bf16 weights of today's code, and the
+    drift table reads each metric from the right run (stubbed runs with known numbers)."""
+    from bench import evaluation
+    seconds = {f"{s}|{k}": 1.0 for s in ("forget", "retain", "ra", "wf") for k in ("scoring", "generation")}
+    seconds.update({f"{s}|all": 2.5 for s in ("forget", "retain", "ra", "wf")}, **{"holdout|scoring": 1.0})
+    made = []
+
+    def spawn(cfg, module, exact_peak):
+        made.append(cfg)
+        low = cfg["precision"] == "bf16"
+        return {"seconds": {**seconds, "total": 14.0 if low else 11.0},
+                "summary": {"model_utility": 0.40 if low else 0.41, "forget_Q_A_Prob": 0.9},
+                "items": {"forget": {"generation": ["a", "b" if low else "c"], "prob": [0.9, 0.8]}}}
+    monkeypatch.setattr(evaluation, "spawn", spawn)
+    out = tmp_path / "EVALUATION.md"
+    bench.main(["--evaluation", "--precision", "bf16", "--out", str(out)])
+    assert [(c["impl"], c["precision"]) for c in made] == [("now", "fp32"), ("now", "bf16")]
+    text = out.read_text()
+    assert "| model_utility | 0.41 | 0.4 | -0.01 |" in text and "| forget_Q_A_Prob | 0.9 | 0.9 | +0 |" in text
+    assert "Greedy generations that differ: 1 of 2." in text
+    assert "| **all** | **everything** | **11.0** | **14.0** | **0.79x** |" in text
+

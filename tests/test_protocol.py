@@ -90,6 +90,25 @@ def test_each_benchmark_rule_reads_its_own_direction_and_bars():
     assert protocol.select(protocol.HARMFUL, harmful, {"truthfulqa_nll": 2.0}, {"nll_bar": 1.3})["llmu"].lr == 1e-4
 
 
+def test_the_comparison_says_when_the_confirmation_runs_fall_below_the_bar(capsys):
+    """The rule chooses on the selection seeds; a choice just above the bar may fall below it on fresh
+    seeds, and the table must not call that run 'passed' alone."""
+    import tables
+    selection = runs(ga={1e-4: [(0.05, 0.46), (0.05, 0.47)]}, npo={1e-4: [(0.04, 0.48), (0.04, 0.50)]},
+                     idk={1e-4: [(0.9, 0.1)]})
+    confirmed = runs(ga={1e-4: [(0.06, 0.44), (0.07, 0.45)]},   # mean utility 0.445 < 0.45
+                     npo={1e-4: [(0.04, 0.45), (0.05, 0.46)]})  # 0.455: passes again
+    chosen = protocol.select(RULE, selection, REF, BAR)
+    grid = protocol.Grid((1e-4,), (0, 1), (2, 3), True)
+    c = protocol.comparison(RULE, chosen, selection, confirmed, REF, BAR, grid)
+    assert {m: (v["passed"], v["confirmed_passes"]) for m, v in c["chosen"].items()} == {
+        "ga": (True, False), "npo": (True, True), "idk": (False, None)}
+    tables.print_comparison({"comparison": c}, [("MU", "model_utility", ".3f")])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[2] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "---" not in line and "method" not in line}
+    assert rows == {"ga": "passed; below it on the confirmation seeds", "npo": "passed", "idk": "FAILED"}
+
+
 def test_mean_sd_is_the_sample_standard_deviation_of_the_finite_runs():
     assert protocol.mean_sd([1.0, 2.0, 4.0]) == {"mean": 7 / 3, "sd": statistics.stdev([1.0, 2.0, 4.0]), "n": 3,
                                                  "missing": 0}
@@ -221,6 +240,8 @@ def test_the_reported_numbers_are_the_confirmation_runs_alone(grid_run):
     for label, logs in report["training"].items():  # --eval-every watched the confirmation runs alone
         assert [e["step"] for e in logs["evals"]] == ([0, 1, 2] if label.endswith(("seed=7", "seed=8")) else []), label
     assert (grid_run[2] / "frontier.png").stat().st_size > 10_000
+    from PIL import Image  # curves.png: the 4 confirmation runs (2 rows of 3 panels), not all 12 runs (4 rows)
+    assert Image.open(grid_run[2] / "curves.png").height == round((3.0 * 2 + 0.6) * 90)
 
 
 def test_a_rerun_of_a_grid_recomputes_nothing_and_reports_the_same(grid_run):

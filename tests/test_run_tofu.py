@@ -49,6 +49,7 @@ def test_eval_every_records_evaluations_at_step_0_and_every_step(tofu_run):
     for method, logs in tofu_run.report["training"].items():
         assert [e["step"] for e in logs["evals"]] == [0, 1, 2], method
         assert all(0 <= e["forget_quality"] <= 1 and 0 <= e["model_utility"] <= 1 for e in logs["evals"])
+        assert {e["items"] for e in logs["evals"]} == {2}  # --eval-items 2: said, as the plot's title says it
         stage = Path(tofu_run.report["dirs"][method])
         assert json.loads((stage / "eval_log.json").read_text()) == logs["evals"]
 
