@@ -55,24 +55,37 @@ def draw_all(report: dict, out_dir: Path) -> list[Path]:
 def cost(report: dict, path: Path) -> Path:
     """Harmful rate on unseen prompts against training time, one point per trained model (run_harmful with
     rlhf among its methods), as Yao et al.'s Figure 1 pairs run time with alignment; the original model's
-    rate as a dashed line."""
+    rate as a dashed line. Each point says what its rate cost in utility: its TruthfulQA answer NLL as a
+    multiple of the original's and its share of degenerate replies (a model that only babbles is never
+    harmful)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
     colors = plt.get_cmap("tab10")
+    nll = (report.get("original") or {}).get("truthfulqa_nll")
+    placed = []  # (minutes, rate) of the points labelled so far: a label near another goes below it
     for i, (name, c) in enumerate(report["costs"].items()):
-        rate = report["methods"].get(name, {}).get("harmful_unseen")
+        m = report["methods"].get(name, {})
+        rate = m.get("harmful_unseen")
         if c["train_s"] is not None and rate is not None:
             ax.scatter(c["train_s"] / 60, rate, s=60, color=colors(i % 10), zorder=3)
-            ax.annotate(name, (c["train_s"] / 60, rate), textcoords="offset points", xytext=(5, 4), fontsize=8,
-                        color=colors(i % 10))
+            said = [f"NLL {m['truthfulqa_nll'] / nll:.2f}x" if nll and m.get("truthfulqa_nll") is not None else "",
+                    f"degenerate {m['degenerate_unseen']:.0%}" if m.get("degenerate_unseen") is not None else ""]
+            x = c["train_s"] / 60
+            near = sum(abs(rate - r) < 0.02 and 0.5 < x / px < 2 for px, r in placed)
+            placed.append((x, rate))
+            ax.annotate(f"{name} ({', '.join(t for t in said if t)})", (x, rate), textcoords="offset points",
+                        xytext=(5, 4 - 11 * near), fontsize=8, color=colors(i % 10))
     original = (report.get("original") or {}).get("harmful_unseen")
     if original is not None:
         ax.axhline(original, color="black", linestyle="--", linewidth=1, label="original model")
         ax.legend(fontsize=8, loc="best")
     ax.set_xscale("log")
+    ax.margins(x=0.35, y=0.12)  # room for the labels right of the points
     ax.set_xlabel("training time (minutes, wall-clock of every stage the row needed; log scale)", fontsize=9)
     ax.set_ylabel("harmful rate on unseen prompts (lower is better)", fontsize=9)
-    ax.set_title(f"{report.get('title', 'harmful')}: alignment against its cost", fontsize=11)
+    ax.set_title(f"{report.get('title', 'harmful')}: alignment against its cost\n"
+                 f"(each point: TruthfulQA answer NLL as a multiple of the original's, degenerate unseen replies)",
+                 fontsize=10)
     ax.grid(True, alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
