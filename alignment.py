@@ -212,8 +212,8 @@ def fit_rloo(start, reward_model, reward_sd: float, tok, style: str, prompts: li
     """trl's RLOOTrainer from `start` on `prompts` against the reward model, k = budget.samples completions
     of at most max_new_tokens per prompt, KL budget.kl to `start`. It stops at budget.rl_steps (or
     --max-steps) or when the mean reward of greedy replies to `held_prompts` plateaus (Budget), whichever
-    comes first. Returns (policy, training log, about: why it stopped, the held-out reward curve). The prompts
-are checked already (setting)."""
+    comes first. Returns (policy, training log, about: why it stopped, the held-out reward curve). The
+    prompts were checked by setting()."""
     import datasets
     from trl import RLOOConfig, RLOOTrainer
     torch.manual_seed(seed)
