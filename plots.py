@@ -16,15 +16,15 @@ AXES = {
     "tofu": dict(x="forget_quality", y="model_utility", xlog=True, refs=("target", "retain"),
                  xlabel="forget quality (KS-test p-value vs the retain model; log scale, higher is better)",
                  ylabel="model utility (harmonic mean, higher is better)"),
-    "book": dict(x="forget_quality_gap", y="wikitext_ppl", xlog=False, refs=("reference", "original"),
+    "book": dict(x="forget_quality_gap", y="wikitext_ppl", xlog=False, ylog=True, refs=("reference", "original"),
                  xlabel="forget quality gap vs the reference model (BLEU + 100 ROUGE-L points; lower is better)",
-                 ylabel="WikiText-2 perplexity (lower is better)"),
-    "harmful": dict(x="harmful_unseen", y="truthfulqa_nll", xlog=False, refs=("base", "original"),
+                 ylabel="WikiText-2 perplexity (log scale; lower is better)"),  # a collapsed run's is 1e25
+    "harmful": dict(x="harmful_unseen", y="truthfulqa_nll", xlog=False, ylog=True, refs=("base", "original"),
                     xlabel="harmful rate on unseen prompts (share of replies; lower is better)",
-                    ylabel="TruthfulQA answer NLL (nats per token; lower is better)"),
-    "hallucination": dict(x="hallucination_rate_unseen", y="truthfulqa_nll", xlog=False, refs=("base", "original"),
+                    ylabel="TruthfulQA answer NLL (nats per token; log scale; lower is better)"),
+    "hallucination": dict(x="hallucination_rate_unseen", y="truthfulqa_nll", xlog=False, ylog=True, refs=("base", "original"),
                           xlabel="hallucination rate on unseen questions (share of replies; lower is better)",
-                          ylabel="TruthfulQA answer NLL (nats per token; lower is better)"),
+                          ylabel="TruthfulQA answer NLL (nats per token; log scale; lower is better)"),
 }
 STREAMS = ("p_forget", "p_template", "p_retain")
 
@@ -110,6 +110,7 @@ def frontier(report: dict, path: Path) -> Path:
     panels = 1 + any(evals.values())
     fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 5.5), dpi=100, squeeze=False)
     ax, colors = axes[0][0], plt.get_cmap("tab10")
+    _reference_points(ax, report, x_key, y_key)  # where every run starts, against the bar
     for i, (method, per_lr) in enumerate(c["spread"].items()):
         pts = [(float(lr), m[x_key], m[y_key]) for lr, m in per_lr.items()
                if m[x_key]["mean"] is not None and m[y_key]["mean"] is not None]
@@ -126,16 +127,25 @@ def frontier(report: dict, path: Path) -> Path:
         if chosen["lr"] is not None and f"{chosen['lr']:g}" in per_lr:
             m = per_lr[f"{chosen['lr']:g}"]
             if m[x_key]["mean"] is not None and m[y_key]["mean"] is not None:
-                ax.scatter(m[x_key]["mean"], m[y_key]["mean"], s=200, facecolors="none" if chosen["passed"] else color,
-                           edgecolors=color, marker="o" if chosen["passed"] else "x", linewidths=2, zorder=4)
+                ring = dict(facecolors="none", edgecolors=color, marker="o") if chosen["passed"] else \
+                    dict(color=color, marker="x")  # an x has no face: an edge colour on it is a warning
+                ax.scatter(m[x_key]["mean"], m[y_key]["mean"], s=200, linewidths=2, zorder=4, **ring)
     level = {"ratio>=": bar["threshold"] * bar["reference"], "ratio<=": bar["threshold"] * bar["reference"]}.get(
         bar["kind"], bar["reference"])
     says = f"{bar['threshold']:g} x" if bar["kind"] != "within" else f"within {bar['threshold']:g} of"
     ax.axhline(level, color="black", linestyle="--", linewidth=1,
-               label=f"the bar: {bar['kind'][-2:] if bar['kind'] != 'within' else ''} {says} the reference's "
-                     f"{bar['reference']:.3g}")
+               label=f"the bar: {bar['kind'][-2:] if bar['kind'] != 'within' else ''} {says} the "
+                     f"{c.get('reference_name', 'reference')}'s {bar['reference']:.3g}")
     if ax_spec["xlog"] and x_key == ax_spec["x"]:
         ax.set_xscale("log")
+    if ax_spec.get("ylog") and y_key == ax_spec["y"]:
+        ax.set_yscale("log")
+        top = 100 * level  # a collapsed run (perplexity 1e25) would squash every other point onto the bar
+        off = [f"{m} {lr} ({v[y_key]['mean']:.2g})" for m, per_lr in c["spread"].items() for lr, v in per_lr.items()
+               if v[y_key]["mean"] is not None and v[y_key]["mean"] > top]
+        if off:
+            ax.set_ylim(top=top)
+            ax.text(0.01, 0.99, "above the scale: " + ", ".join(off), transform=ax.transAxes, fontsize=7, va="top")
     ax.set_xlabel(ax_spec["xlabel"] if x_key == ax_spec["x"] else x_key, fontsize=9)
     ax.set_ylabel(ax_spec["ylabel"] if y_key == ax_spec["y"] else y_key, fontsize=9)
     ax.set_title(f"every learning rate (mean ± sd over seeds {', '.join(map(str, c['seeds']))}); "
@@ -208,11 +218,7 @@ def tradeoff(report: dict, path: Path) -> Path:
     plt = _pyplot()
     ax_spec = AXES[report["benchmark"]]
     fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=100)
-    for name, marker in zip(ax_spec["refs"], ("s", "D")):
-        row = report.get(name)
-        if row and row.get(ax_spec["x"]) is not None and row.get(ax_spec["y"]) is not None:
-            ax.scatter(row[ax_spec["x"]], row[ax_spec["y"]], marker=marker, s=70, color="black", zorder=3,
-                       label=name)
+    _reference_points(ax, report, ax_spec["x"], ax_spec["y"])
     colors = plt.get_cmap("tab10")
     for i, (label, row) in enumerate(report["methods"].items()):
         c = colors(i % 10)
@@ -227,6 +233,8 @@ def tradeoff(report: dict, path: Path) -> Path:
                         fontsize=7, color=c)
     if ax_spec["xlog"]:
         ax.set_xscale("log")
+    if ax_spec.get("ylog"):
+        ax.set_yscale("log")
     ax.set_xlabel(ax_spec["xlabel"], fontsize=9)
     ax.set_ylabel(ax_spec["ylabel"], fontsize=9)
     ax.set_title(f"{report.get('title', report['benchmark'])}: utility vs forgetting", fontsize=11)
@@ -237,6 +245,15 @@ def tradeoff(report: dict, path: Path) -> Path:
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def _reference_points(ax, report: dict, x_key: str, y_key: str) -> None:
+    """The benchmark's reference models (AXES refs: the model that never saw the data, the one unlearning
+    starts from) as black markers, where the report has both coordinates."""
+    for name, marker in zip(AXES[report["benchmark"]]["refs"], ("s", "D")):
+        row = report.get(name)
+        if row and row.get(x_key) is not None and row.get(y_key) is not None:
+            ax.scatter(row[x_key], row[y_key], marker=marker, s=70, color="black", zorder=3, label=name)
 
 
 def curves(report: dict, path: Path) -> Path:

@@ -183,8 +183,12 @@ class Rule(NamedTuple):
 
 TOFU = Rule("forget_quality", True, (Bar("model_utility", "utility_bar", "ratio>="),), fallback_higher=True,
             reference="retain model (the target with --retain-logs)")
+# The book's bars compare with the original (the model every run starts from), as the harmful task's do,
+# not with the reference model that never saw the text: on the offline default the fine-tuning alone
+# takes WikiText perplexity from the reference's 59.4 to 103.5 (1.74x), so a bar of 1.1 x the
+# reference's failed every run of the first book protocol whatever it did (docs/claims.md, 2026-12-06).
 BOOK = Rule("forget_quality_gap", False, (Bar("wikitext_ppl", "ppl_bar", "ratio<="),), fallback_higher=False,
-            reference="reference model")
+            reference="original model")
 BOOK_ZERO_SHOT = BOOK._replace(bars=BOOK.bars + (Bar("zeroshot_mean", "zero_shot_bar", "within"),))
 HARMFUL = Rule("harmful_unseen", False, (Bar("truthfulqa_nll", "nll_bar", "ratio<="),), fallback_higher=False,
                reference="original model")
@@ -234,6 +238,27 @@ def select(rule: Rule, runs: dict[str, dict[float, list[dict]]], reference: dict
     return out
 
 
+def start_fails(rule: Rule, start: dict, reference: dict, thresholds: dict, start_name: str,
+                reference_name: str | None = None) -> list[str]:
+    """The bars that the model every run starts from already fails, each in words with the value that
+    would let it pass (empty when it passes every bar, or lacks a bar's metric). A bar its starting model
+    fails can only be passed by a run that *improves* on it: the comparison then reports FAILED for
+    reasons that have nothing to do with the methods, and says so. (The first book protocol's bar, 1.1 x
+    the perplexity of the model that never saw the book, was one: the original had 1.74 x.)"""
+    out = []
+    for b in rule.bars:
+        value, ref, t = start.get(b.metric), reference.get(b.metric), thresholds[b.flag]
+        if value is None or ref is None or not math.isfinite(value) or b.ok(value, ref, t):
+            continue
+        needed = {"ratio>=": f"--{b.flag.replace('_', '-')} {value / ref:.3g} or below",
+                  "ratio<=": f"--{b.flag.replace('_', '-')} {value / ref:.3g} or above",
+                  "within": f"--{b.flag.replace('_', '-')} {abs(value - ref):.3g} or above"}[b.kind]
+        out.append(f"the {start_name} every run starts from has {b.metric} {value:.4g}, already outside the bar "
+                   f"({b.says(t, reference_name or rule.reference)} {ref:.4g}); only a run that improves on it can pass "
+                   f"({needed} would let the {start_name} pass)")
+    return out
+
+
 def _best(lrs: list[float], points: dict, metric: str, higher: bool) -> float:
     # sorted lrs and a strict comparison: the first (smallest) of equal values wins
     best = lrs[0]
@@ -262,14 +287,15 @@ def mean_sd(values) -> dict:
 
 def comparison(rule: Rule, chosen: dict[str, Choice], selection: dict[str, dict[float, list[dict]]],
                confirmed: dict[str, dict[float, list[dict]]], reference: dict, thresholds: dict, grid: Grid,
-               reference_name: str | None = None) -> dict:
+               reference_name: str | None = None, start: tuple[dict, str] | None = None) -> dict:
     """The report of a comparison: the rule in words with its thresholds and the reference values of its
     bars, the grid, every selection point (as the rule saw it, with the spread over seeds of the metrics
     it read), each method's chosen learning rate, and the result, which is the confirmation runs alone
     (confirmed: by_method of them): mean ± sd and n of every number they report (None for a method
     without confirmation runs). Each choice also says whether the confirmed means pass the bars again
     (`confirmed_passes`; None without confirmation runs): the rule chose on the selection seeds, and a
-    choice near a bar may fall below it on fresh ones."""
+    choice near a bar may fall below it on fresh ones. `start`: (summary, name) of the model every run
+    starts from, whose failed bars (start_fails) are said with the table."""
     read = (rule.objective, *(b.metric for b in rule.bars))
     spread = {m: {f"{lr:g}": {k: mean_sd(s.get(k) for s in runs) for k in read} for lr, runs in sorted(per.items())}
               for m, per in selection.items()}
@@ -280,6 +306,7 @@ def comparison(rule: Rule, chosen: dict[str, Choice], selection: dict[str, dict[
                              and not isinstance(v, bool))
         result[method] = {k: mean_sd(s.get(k) for s in summaries) for k in keys} if summaries else None
     return {"rule": rule.says(thresholds, reference_name), "thresholds": thresholds,
+            "reference_name": reference_name or rule.reference,
             "objective": rule.objective, "higher_is_better": rule.higher,
             "bars": [{"metric": b.metric, "kind": b.kind, "threshold": thresholds[b.flag],
                       "reference": reference[b.metric]} for b in rule.bars],
@@ -291,7 +318,8 @@ def comparison(rule: Rule, chosen: dict[str, Choice], selection: dict[str, dict[
                                result[m].get(b.metric, {}).get("mean") is not None
                                and b.ok(result[m][b.metric]["mean"], reference[b.metric], thresholds[b.flag])
                                for b in rule.bars)} for m, c in chosen.items()},
-            "confirmed": result}
+            "confirmed": result,
+            "start_fails": start_fails(rule, start[0], reference, thresholds, start[1], reference_name) if start else []}
 
 
 class Progress:

@@ -228,7 +228,7 @@ def main(argv=None) -> dict:
         summaries = {name: r["summary"] for name, r in results.items()}
         compared = {"comparison": protocol.comparison(
             rule, chosen, protocol.by_method(grid.cells(variants), summaries), protocol.by_method(confirm, summaries),
-            reference, thresholds, grid)}
+            reference, thresholds, grid, start=(reference, "original model"))}
     attacked = robustness(run, {"original": original, **unlearned}, ev, forget, tok, style)  # --attacks
     report = run.finish(results, unlearned, {"original": original}, judge=ev.judge.about, benchmark=args.task,
                         title=f"{args.task} | {args.model}", costs=training_costs(run, trained), **attacked,

@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
         compared = {"comparison": protocol.comparison(
             protocol.TOFU, chosen, protocol.by_method(grid.cells(variants), summaries),
             protocol.by_method(confirm, summaries), reference, thresholds, grid,
-            "target" if retain_logs else "retain model")}
+            "target" if retain_logs else "retain model", start=(results["target"]["summary"], "target"))}
     attacked = robustness(run, {"retain": retain_model, **unlearned}, eval_sets, tok, style)  # --attacks
     report = run.finish(results, unlearned, {"target": target, "retain": retain_model or args.retain_logs},
                         benchmark="tofu", title=f"TOFU {args.split} | {args.model}", **retain_logs_rows(retain_logs),

@@ -60,6 +60,8 @@ def print_comparison(report: dict, columns: list[tuple[str, str, str]]) -> None:
                "passed; below it on the confirmation seeds" if chosen.get("confirmed_passes") is False else "passed")
         print(f"| {method} | {lr} | {bar} | {n} | "
               + " | ".join(mean_sd_cell(row.get(k), f) for _, k, f in columns) + " |")
+    for note in c.get("start_fails", []):
+        print(f"Note: {note}.")
 
 
 def mean_sd_cell(m: dict | None, spec: str) -> str:

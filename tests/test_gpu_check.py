@@ -21,4 +21,4 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert re.search(r"\| \S+ \| flat \| off \| ours \| [\d.]+ \|", text)   # the benchmark's row
     memory = re.findall(r"^\| tiny (opt|llama) \| (flat|npo) \| (mixed|bf16) \| (16|-) \| ([\d.]+) \| ([\d.]+) \| "
                         r"([\d.]+) \|$", text, re.M)
-    assert len(memory) == 4, text  # every row measured and planned (12 on a GPU)
+    assert {m[:4] for m in memory} == {("opt", "flat", "mixed", "-"), ("llama", "npo", "bf16", "16")}, text  # 12 on a GPU

@@ -109,6 +109,58 @@ def test_the_comparison_says_when_the_confirmation_runs_fall_below_the_bar(capsy
     assert rows == {"ga": "passed; below it on the confirmation seeds", "npo": "passed", "idk": "FAILED"}
 
 
+def test_a_bar_the_starting_model_already_fails_is_said_with_the_value_that_would_pass_it(capsys):
+    """The book's original, fine-tuned on the text, has 1.74x the base model's WikiText perplexity on the
+    offline default: with a bar at 1.1x the base model's, every method FAILS whatever it does, and the
+    comparison must say that the bar, not the methods, decided it."""
+    import tables
+    book = {"ppl_bar": 1.1, "zero_shot_bar": 0.02}
+    ref, start = {"wikitext_ppl": 59.42, "zeroshot_mean": 0.40}, {"wikitext_ppl": 103.52, "zeroshot_mean": 0.37}
+    notes = protocol.start_fails(protocol.BOOK_ZERO_SHOT, start, ref, book, "original model")
+    assert len(notes) == 2 and "wikitext_ppl 103.5," in notes[0] and "--ppl-bar 1.74 or above" in notes[0]
+    assert "--zero-shot-bar 0.03 or above" in notes[1]                                # |0.37 - 0.40|
+    assert protocol.start_fails(protocol.BOOK, {"wikitext_ppl": 65.0}, ref, book, "original model") == []  # 1.094x
+    assert protocol.start_fails(protocol.BOOK, {"wikitext_ppl": None}, ref, book, "original model") == []
+    assert protocol.start_fails(RULE, {"model_utility": 0.5}, REF, BAR, "target") == []            # the bar: 0.45
+    low = protocol.start_fails(RULE, {"model_utility": 0.4}, REF, BAR, "target", "retain model")
+    assert len(low) == 1 and "--utility-bar 0.8 or below" in low[0] and "the retain model's 0.5" in low[0]
+    selection = runs(ga={1e-4: [(0.05, 0.46)]})
+    c = protocol.comparison(RULE, protocol.select(RULE, selection, REF, BAR), selection, {}, REF, BAR,
+                            protocol.Grid((1e-4,), (0,), (), True), "retain model", start=({"model_utility": 0.4}, "target"))
+    assert c["start_fails"] == low
+    tables.print_comparison({"comparison": c}, [("MU", "model_utility", ".3f")])
+    assert f"Note: {low[0]}." in capsys.readouterr().out
+
+
+def test_the_book_frontier_draws_perplexity_on_a_log_scale_without_warnings(tmp_path, monkeypatch):
+    """A collapsed run's WikiText perplexity (8e25 for GA at 2e-4 on the offline book) squashed every
+    other point onto the bar on a linear axis, and a FAILED method's cross raised a matplotlib warning."""
+    import warnings
+    import matplotlib.pyplot as plt
+    import plots
+    rule, th = protocol.BOOK, {"ppl_bar": 1.1}
+    ref, original = {"wikitext_ppl": 59.4, "forget_quality_gap": 0.0}, {"wikitext_ppl": 103.5, "forget_quality_gap": 28.5}
+    point = lambda gap, ppl: [{"forget_quality_gap": gap, "wikitext_ppl": ppl}]  # noqa: E731
+    selection = {"flat": {5e-5: point(2.6, 95.9), 2e-4: point(15.4, 1120.0)},
+                 "ga": {1e-5: point(22.3, 102.8), 2e-4: point(17.0, 8.4e25)}, "npo": {2e-4: point(2.0, 374.0)}}
+    chosen = protocol.select(rule, selection, original, th)  # the bars compare with the original: 113.85
+    assert {m: (ch.lr, ch.passed) for m, ch in chosen.items()} == {"flat": (5e-5, True), "ga": (1e-5, True),
+                                                                   "npo": (2e-4, False)}
+    c = protocol.comparison(rule, chosen, selection, {}, original, th, protocol.Grid((1e-5, 5e-5, 2e-4), (0,), (), True))
+    report = {"benchmark": "book", "comparison": c, "reference": ref, "original": original, "methods": {}}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.frontier(report, tmp_path / "frontier.png")
+    ax = figures[0].axes[0]
+    assert ax.get_yscale() == "log" and ax.get_ylim()[1] == pytest.approx(100 * 1.1 * 103.5)
+    assert [t.get_text() for t in ax.texts if t.get_text().startswith("above")] == ["above the scale: ga 0.0002 (8.4e+25)"]
+    labels = ax.get_legend_handles_labels()[1]
+    assert {"reference", "original"} <= set(labels)  # where every run starts, drawn
+    assert "the bar: <= 1.1 x the original model's 104" in labels  # the bar is drawn against the model it names
+
+
 def test_mean_sd_is_the_sample_standard_deviation_of_the_finite_runs():
     assert protocol.mean_sd([1.0, 2.0, 4.0]) == {"mean": 7 / 3, "sd": statistics.stdev([1.0, 2.0, 4.0]), "n": 3,
                                                  "missing": 0}
@@ -261,7 +313,7 @@ def test_the_grid_progress_counts_every_unlearning_and_evaluation_stage(grid_run
 
 
 @pytest.mark.parametrize("runner, smoke, objective, bar", [
-    ("run_hp", BOOK_SMOKE, "forget_quality_gap", "wikitext_ppl"),
+    ("run_hp", [*BOOK_SMOKE, "--ppl-bar", "0.5"], "forget_quality_gap", "wikitext_ppl"),
     ("run_harmful", HARMFUL_SMOKE, "harmful_unseen", "truthfulqa_nll")])
 def test_the_book_and_harmful_runners_compare_by_their_own_rule(runner, smoke, objective, bar, tiny_model_dir, tmp_path):
     main = __import__(runner).main
@@ -269,6 +321,13 @@ def test_the_book_and_harmful_runners_compare_by_their_own_rule(runner, smoke, o
                               "--lr", "1e-4,1e-2", "--seeds", "0", "--confirm-seeds", "1"])
     c = r.report["comparison"]
     assert c["objective"] == objective and [b["metric"] for b in c["bars"]] == [bar]
+    original = r.report["original"]
+    assert c["bars"][0]["reference"] == original[bar]  # the bars compare with the model every run starts from
+    if runner == "run_hp":  # a bar at half the original's perplexity: the original itself fails it, and the table says so
+        assert len(c["start_fails"]) == 1 and "--ppl-bar 1 or above" in c["start_fails"][0]
+        assert f"Note: {c['start_fails'][0]}." in r.stdout
+    else:
+        assert c["start_fails"] == []
     lr = c["chosen"]["ga"]["lr"]
     assert list(r.report["methods"]) == ["ga@lr=0.0001,seed=0", "ga@lr=0.01,seed=0", protocol.cell_label("ga", lr, 1)]
     confirmed = r.report["methods"][protocol.cell_label("ga", lr, 1)]
