@@ -201,6 +201,18 @@ def test_each_method_trains_at_its_own_learning_rate_and_the_rest_at_lr(tiny_mod
     assert [c.args(args).lr for c in cells] == [1e-5, 3e-5, 1e-4, 2e-4]  # what each stage is keyed and trained by
 
 
+@pytest.mark.parametrize("task, llmu", [("harmful", 3e-4), ("hallucination", 1e-4)])
+def test_the_harmful_runner_trains_each_method_at_the_learning_rate_its_task_protocol_chose(task, llmu):
+    import run_harmful
+    argv = ["--task", task, "--method", "llmu,ga,dpo-safe"]
+    args = flags.parse(run_harmful.Args, argv, run_harmful.resolve)
+    cells = flags.grid(args).cells(flags.variants(args))
+    # GA failed the bar at every learning rate and sits where its NLL was lowest; dpo-safe, a baseline, at the preset's
+    assert [(c.label, c.lr) for c in cells] == [("llmu", llmu), ("ga", 3e-5), ("dpo-safe", 1e-4)]
+    args = flags.parse(run_harmful.Args, [*argv, "--lr", "2e-4"], run_harmful.resolve)
+    assert [c.lr for c in flags.grid(args).cells(flags.variants(args))] == [2e-4] * 3
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--method-lrs", "flta=1e-4"], "unknown loss 'flta'"),
     (["--method-lrs", "flat:kk=1e-4"], "unknown divergence 'kk'"),
