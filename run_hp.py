@@ -123,8 +123,17 @@ MUSE_PRESETS = {"smollm2-135m": dict(chunk_tokens=256, prompt_tokens=64, muse_pr
                                      finetune_epochs=6, eval_chunks=16)}
 
 
+# Each method's learning rate where the book protocol chose it (docs/claims.md: seed 0 among 1e-5, 5e-5, 2e-4,
+# read by the rule's bars against the original model, the rule since 2026-12-06): without --lr, each method
+# trains at its own; any other at the preset's. --lr sets one for every method.
+PROTOCOL_LRS = {("smollm2-135m", "book"): "flat=5e-5,ga=1e-5,npo=1e-5"}
+
+
 def resolve(args: Args) -> Args:
-    """FLAT's HP setting, then the model's preset (and, for MUSE-News, its own), for every flag left unset."""
+    """FLAT's HP setting, then the model's preset (and, for MUSE-News, its own), for every flag left unset;
+    without --lr, each method's learning rate from the protocol (PROTOCOL_LRS)."""
+    if args.lr is None and not args.method_lrs:
+        args.method_lrs = PROTOCOL_LRS.get((args.model, args.corpus), "")
     muse = MUSE_PRESETS.get(args.model, {}) if args.corpus == "muse-news" else {}
     return flags.fill_defaults(args, {**PAPER, **PRESETS.get(args.model, {}), **muse})
 

@@ -213,6 +213,15 @@ def test_the_harmful_runner_trains_each_method_at_the_learning_rate_its_task_pro
     assert [c.lr for c in flags.grid(args).cells(flags.variants(args))] == [2e-4] * 3
 
 
+def test_the_book_runner_trains_each_method_at_the_learning_rate_the_book_protocol_chose():
+    import run_hp
+    args = flags.parse(run_hp.Args, ["--method", "flat,ga,npo,simnpo"], run_hp.resolve)
+    assert [(c.label, c.lr) for c in flags.grid(args).cells(flags.variants(args))] == \
+        [("flat", 5e-5), ("ga", 1e-5), ("npo", 1e-5), ("simnpo", 5e-5)]   # simnpo: not in the protocol, the preset's
+    args = flags.parse(run_hp.Args, ["--method", "flat,ga", "--corpus", "muse-news"], run_hp.resolve)
+    assert [c.lr for c in flags.grid(args).cells(flags.variants(args))] == [5e-5, 5e-5]  # no MUSE protocol run
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--method-lrs", "flta=1e-4"], "unknown loss 'flta'"),
     (["--method-lrs", "flat:kk=1e-4"], "unknown divergence 'kk'"),
