@@ -205,7 +205,19 @@ class Run:
         items, _ = finite_report({name: r["items"] for name, r in results.items()})  # strict too: null per item
         write_json(self.out / "eval_items.json", {**items, **alias(items)})
         plots.draw_all(report, self.out)
+        if report.get("comparison"):  # grids that share one --out to reuse its runs each keep their own report
+            kept = comparison_dir(self.out, report["comparison"])
+            write_json(kept / "results.json", report)
+            plots.frontier(report, kept / "frontier.png")
         return report
+
+
+def comparison_dir(out: Path, comparison: dict) -> Path:
+    """Where a grid's report is kept besides results.json, which the last command to write into `out`
+    owns: comparisons/METHODS_lr_LRS_seeds_SEEDS_confirm_SEEDS/ (results.json, frontier.png)."""
+    listed = lambda xs: ",".join(f"{x:g}" for x in xs)  # noqa: E731
+    return out / "comparisons" / safe_name(f"{','.join(comparison['chosen'])}_lr_{listed(comparison['lrs'])}_seeds_"
+                                           f"{listed(comparison['seeds'])}_confirm_{listed(comparison['confirm_seeds'])}")
 
 
 def training_model(name, compute: models.Compute, trust_remote_code: bool = False, reference: bool = False,

@@ -325,6 +325,21 @@ def test_a_rerun_of_a_grid_recomputes_nothing_and_reports_the_same(grid_run):
     assert "stages done" in again.stdout and ", cached)" in again.stdout
 
 
+def test_grids_sharing_one_out_each_keep_their_report(grid_run, tiny_model_dir):
+    first, _, out = grid_run
+    kept = out / "comparisons" / "flat_ga_lr_0.0001_0.01_seeds_0_1_confirm_7_8"
+    assert json.loads((kept / "results.json").read_text())["comparison"] == first.report["comparison"]
+    assert (kept / "frontier.png").stat().st_size > 10_000
+    # a second grid into the same --out (flat alone: every run cached) owns results.json, and the first keeps its own
+    argv = ["--model", tiny_model_dir, "--out", str(out), "--method", "flat", *TOFU_SMOKE, "--lr", "1e-4,1e-2",
+            "--seeds", "0,1", "--confirm-seeds", "7,8", "--eval-every", "1"]
+    second = run_in_process(run_tofu.main, argv)
+    assert list(json.loads((out / "results.json").read_text())["comparison"]["chosen"]) == ["flat"]
+    assert list(json.loads((kept / "results.json").read_text())["comparison"]["chosen"]) == ["flat", "ga"]
+    assert (out / "comparisons" / "flat_lr_0.0001_0.01_seeds_0_1_confirm_7_8" / "results.json").exists()
+    assert second.report["timings_s"] == {}
+
+
 def test_the_grid_progress_counts_every_unlearning_and_evaluation_stage(grid_run):
     lines = [line for line in grid_run[0].stdout.splitlines() if "[grid]" in line]
     total = 2 * (2 * 2 * 2 + 2 * 2) + 2  # train and evaluate each run, and the target and retain evaluations
