@@ -112,6 +112,10 @@ class RunArgs(methods.LossParams):
     confirm_seeds: str = arg("", "fresh seeds (none of --seeds) on which each method's learning rate chosen by "
                                  "the selection rule is rerun; only these runs are the reported result", only=(),
                              needs=SEEDS)
+    drop_selection_weights: bool = arg(False, "a comparison: delete each selection run's weights once it is "
+                                              "evaluated, keeping its logs and evaluation (a rerun reuses them), so "
+                                              "that only the confirmation runs' models stay on disk; not with "
+                                              "--attacks", only=(), needs=GRID)
     log_every: int = arg(5, "optimiser steps between log lines", only=(), check=AT_LEAST_1)
     attacks: str = arg("none", "after evaluation, attack every unlearned model and the one that never saw the data: "
                                "relearn, quant8, quant4, prompt (paraphrase and jailbreak, where the data has "
@@ -262,6 +266,9 @@ def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | Non
                          "chosen after the evaluations, which are not sharded")
     if args.out:
         check_out_dir(Path(args.out), args)
+    if args.drop_selection_weights and args.attacks not in ("", "none"):
+        raise UsageError("--drop-selection-weights with --attacks: the attacks start from every unlearned model's "
+                         "weights; drop one of them")
     if grid(args).on:
         check_grid_disk(args)
     if check is not None:
@@ -304,10 +311,14 @@ def check_out_dir(out: Path, args=None) -> None:
 def check_grid_disk(args) -> None:
     """A comparison saves one model per unlearning run (selection and confirmation): refused up front
     when they would not fit the free space where the run directory is (or would be). Unlearned models
-    already in --out count as saved (a resumed grid needs room for the rest only)."""
+    already in --out count as saved (a resumed grid needs room for the rest only); with
+    --drop-selection-weights, one selection model at a time and the confirmation runs' need room."""
     p = Path(args.out or ".").resolve()
+    g, n = grid(args), len(variants(args))
     saved = len(list(p.glob("unlearn-*/config.json"))) if args.out else 0
-    runs = max(0, grid(args).size(len(variants(args))) - saved)
+    runs = max(0, g.size(n) - saved)
+    if args.drop_selection_weights:
+        runs = min(runs, 1 + n * len(g.confirm_seeds))
     each = models.saved_bytes(args.model, args.precision, args.trust_remote_code)
     while not p.exists():
         p = p.parent
@@ -315,7 +326,7 @@ def check_grid_disk(args) -> None:
     if runs * each > free:
         raise UsageError(f"the grid saves {runs} more unlearned models of about {each / 1e9:.2f} GB each, "
                          f"{runs * each / 1e9:.1f} GB, and {p} has {free / 1e9:.1f} GB free: fewer learning rates, "
-                         f"seeds or methods, or another --out")
+                         f"seeds or methods, --drop-selection-weights, or another --out")
 
 
 def lora(args) -> models.Lora | None:

@@ -200,12 +200,12 @@ def main(argv=None) -> dict:
     #       (an alignment baseline: over its own data, or RLHF's two stages, alignment.py)
     trained: dict[str, Training] = {}
 
-    def unlearn(cell: protocol.Cell) -> Path:
+    def unlearn(cell: protocol.Cell, reuse_dropped: bool = False) -> Path:
         s = trained[cell.label] = stage(cell)
         _, method, params = cell.variant
         if method.name == "rlhf":
             alignment.fit_stages(run, s.rlhf, original, tok, style, (s.reward, s.reward_args), (s.path, s.args))
-        elif run.missing(s.path):
+        elif run.missing(s.path, read_by=ev.readers(cell.label, s.path) if reuse_dropped else ()):
             run.fit(s.path, original, method, params, lr=s.args.lr, max_steps=steps, args=s.args,
                     progress=ev.progress if s.args.eval_every else None,
                     epochs=(s.epoch(rng) for rng in data.epoch_rngs(math.ceil(args.steps * run.rows_per_step / s.rows),
@@ -216,9 +216,11 @@ def main(argv=None) -> dict:
         run.track(2 * grid.size(len(variants)) + 1 + bool(base))
     unlearned = {}
     for cell in grid.cells(variants):
-        unlearned[cell.label] = unlearn(cell)
-        if grid.on:  # a grid's runs evaluated as they finish: an interrupted grid leaves readable results
-            ev(cell.label, unlearned[cell.label])
+        unlearned[cell.label] = unlearn(cell, reuse_dropped=args.drop_selection_weights)
+        if grid.on:  # each run evaluated as it finishes (zero-shot too): an interrupted grid leaves readable results
+            zeroshot.add_zero_shot(run, {cell.label: ev(cell.label, unlearned[cell.label])}, unlearned)
+            if args.drop_selection_weights:  # its evaluations written, its weights are no longer read
+                run.drop_weights(unlearned[cell.label])
     if not run.is_main:
         return {}  # under torchrun, rank 0 alone evaluates
 
@@ -436,10 +438,14 @@ class Evaluation:
                                              trust_remote_code=args.trust_remote_code)
         return self._scorer
 
+    def readers(self, name: str, path) -> list[Path]:
+        """The stages that read a model: its evaluation and, with --zero-shot, its zero-shot scores."""
+        return [self.run.stage("eval", name, sets=data.digest(self.sets, self.refs), original=self.original,
+                               judge=self.judge.key, model=path), *zeroshot.stages(self.run, name, path)]
+
     def __call__(self, name: str, path) -> dict:
         run, args, c = self.run, self.run.args, self.run.compute
-        cache = run.stage("eval", name, sets=data.digest(self.sets, self.refs), original=self.original,
-                          judge=self.judge.key, model=path)
+        cache = self.readers(name, path)[0]
         if run.missing(cache):
             model, tok = self.scorer if path == self.original else models.load_model(
                 str(path), c.device, c.eval_dtype, trust_remote_code=args.trust_remote_code)

@@ -181,9 +181,9 @@ def main(argv=None) -> dict:
             for rng in data.epoch_rngs(args.finetune_epochs, args.seed)))
 
     # -- 2. unlearning from the original model: each forget chunk's prompt, its continuation and a template
-    def unlearn(cell: protocol.Cell) -> Path:
+    def unlearn(cell: protocol.Cell, reuse_dropped: bool = False) -> Path:
         path, cell_args, templates, retain = stage(cell)
-        if run.missing(path):
+        if run.missing(path, read_by=ev.readers(cell.label, path) if reuse_dropped else ()):
             _, method, params = cell.variant
             run.fit(path, original, method, params, lr=cell.lr, args=cell_args,
                     progress=ev.progress if cell_args.eval_every else None, epochs=(
@@ -196,9 +196,11 @@ def main(argv=None) -> dict:
         run.track(2 * grid.size(len(variants)) + 2)
     unlearned = {}
     for cell in grid.cells(variants):
-        unlearned[cell.label] = unlearn(cell)
-        if grid.on:  # a grid's runs evaluated as they finish: an interrupted grid leaves readable results
-            ev(cell.label, unlearned[cell.label])
+        unlearned[cell.label] = unlearn(cell, reuse_dropped=args.drop_selection_weights)
+        if grid.on:  # each run evaluated as it finishes (zero-shot too): an interrupted grid leaves readable results
+            zeroshot.add_zero_shot(run, {cell.label: ev(cell.label, unlearned[cell.label])}, unlearned)
+            if args.drop_selection_weights:  # its evaluations written, its weights are no longer read
+                run.drop_weights(unlearned[cell.label])
     if not run.is_main:
         return {}  # under torchrun, rank 0 alone evaluates
 
@@ -371,6 +373,10 @@ class Evaluation:
         """Where the evaluation of model `path` lives."""
         return self.run.stage("eval", name, sets=data.digest(self.sets, self.wiki_eval, self.book_eval, self.muse),
                               model=path)
+
+    def readers(self, name: str, path) -> list[Path]:
+        """The stages that read a model: its evaluation and, with --zero-shot, its zero-shot scores."""
+        return [self.stage(name, path), *zeroshot.stages(self.run, name, path)]
 
     def __call__(self, name: str, path) -> dict:
         run, args, c = self.run, self.run.args, self.run.compute

@@ -158,9 +158,9 @@ def main(argv=None) -> dict:
     # -- 3. unlearning: one model per --method (and per learning rate and seed of a grid), each from the target
     progress = tofu_progress(run, eval_sets, retain_model, retain_logs) if args.eval_every else None
 
-    def unlearn(cell: protocol.Cell) -> Path:
+    def unlearn(cell: protocol.Cell, reuse_dropped: bool = False) -> Path:
         path, cell_args, templates, retain_rows = stage(cell)
-        if run.missing(path):
+        if run.missing(path, read_by=readers(run, cell.label, path, eval_sets) if reuse_dropped else ()):
             _, method, params = cell.variant
             run.fit(path, target, method, params, lr=cell.lr, args=cell_args,
                     progress=progress if cell_args.eval_every else None, epochs=(
@@ -172,9 +172,11 @@ def main(argv=None) -> dict:
         run.track(2 * grid.size(len(variants)) + 2 - bool(retain_logs))
     unlearned = {}
     for cell in grid.cells(variants):
-        unlearned[cell.label] = unlearn(cell)
+        unlearned[cell.label] = unlearn(cell, reuse_dropped=args.drop_selection_weights)
         if grid.on:  # a grid's runs evaluated as they finish: an interrupted grid leaves readable results
-            evaluation(run, cell.label, unlearned[cell.label], eval_sets)
+            evaluated(run, {cell.label: unlearned[cell.label]}, eval_sets)
+            if args.drop_selection_weights:  # its evaluation written, its weights are no longer read
+                run.drop_weights(unlearned[cell.label])
     if not run.is_main:
         return {}  # under torchrun, rank 0 alone evaluates (and trains a grid's confirmation runs)
 
@@ -299,9 +301,14 @@ def add_forget_quality(results: dict, retain_tr: list, retain_auc) -> dict:
     return results
 
 
+def readers(run: stages.Run, name: str, path, eval_sets: dict) -> list:
+    """The stages that read a model: its evaluation and, with --zero-shot, its zero-shot scores."""
+    return [run.stage("eval", name, sets=data.digest(eval_sets), model=path), *zeroshot.stages(run, name, path)]
+
+
 def evaluation(run: stages.Run, name: str, path, eval_sets: dict) -> dict:
     """TOFU's metrics of one model ({"summary", "items"}), cached per model and evaluation setting."""
-    cache = run.stage("eval", name, sets=data.digest(eval_sets), model=path)
+    cache = readers(run, name, path, eval_sets)[0]
     if run.missing(cache):
         args, compute = run.args, run.compute
         model, tok = models.load_model(str(path), compute.device, compute.eval_dtype,

@@ -124,16 +124,21 @@ class Run:
             self._ticked.add(path)  # once each: a stage may be asked for twice (the retain model's evaluation)
             self._progress.tick(self.stage_name(path), computed)
 
-    def missing(self, path) -> bool:
+    def missing(self, path, read_by: Iterable[Path] = ()) -> bool:
         """Whether a stage must be computed (and its timer starts): not for a usable cached stage (a
         damaged one is moved aside, see load_cached_model_or_none and read_cache), nor for None or a
-        model the user named (a str, not a stage Path)."""
+        model the user named (a str, not a stage Path). read_by: the stages that read a model; when
+        they are all cached, a model whose weights were dropped (drop_weights) counts as cached."""
         if not isinstance(path, Path):
             return False
+        read_by = list(read_by)
+        dropped = path.suffix != ".json" and (path / WEIGHTS_DROPPED).exists() and bool(read_by) and all(
+            read_cache(p, required=("summary", "items")) is not None for p in read_by)
         cached = (read_cache(path, required=("summary", "items")) is not None if path.suffix == ".json"
-                  else load_cached_model_or_none(path))
+                  else dropped or load_cached_model_or_none(path))
         if cached and path.suffix != ".json":
-            self.say(f"[cache] {self.stage_name(path)}: {path}")
+            self.say(f"[cache] {self.stage_name(path)}: {path}" + (" (weights dropped; what reads them is cached)"
+                                                                  if dropped else ""))
         if cached:
             self._tick(path, computed=False)
         else:
@@ -161,6 +166,17 @@ class Run:
         log, evals = train.train(model, tok, plan, method, params, lr, args, self.compute, self.stage_name(path), ref,
                                  progress)
         self.save(path, model, tok, log, evals, args)
+
+    def drop_weights(self, path: Path) -> None:
+        """A comparison's selection run, once every stage that reads it is written
+        (--drop-selection-weights): its weight files deleted, its logs, cost and tokenizer kept, and a
+        marker left so that missing() reuses what read it. The marker goes first and the weights' sha256
+        last: interrupted midway, the directory is reused only where what reads it is cached, and is
+        otherwise recomputed (its weights incomplete or gone), never loaded half deleted."""
+        if self.is_main and is_saved_model(path):
+            write_json(path / WEIGHTS_DROPPED, {"dropped_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+            for f in [*path.glob("*.safetensors"), *path.glob("adapter/*.safetensors"), path / WEIGHT_SUMS]:
+                f.unlink(missing_ok=True)
 
     def save(self, path: Path, model, tok, log: list[dict], evals: list[dict], args=None, **extra) -> None:
         """A trained model with its training log, in-training evaluations, flags (`args`, default the
@@ -412,6 +428,7 @@ def move_aside(path: Path) -> Path:
 
 
 WEIGHT_SUMS = "weights.sha256"
+WEIGHTS_DROPPED = "weights.dropped.json"  # Run.drop_weights: a selection run kept as logs and evaluations
 
 
 def weight_sums(path: Path) -> dict[str, str]:

@@ -268,7 +268,7 @@ def plan(run, paths: dict, later: int = 0) -> list:
     if not tasks:
         return []
     n, chars, _ = requests(tasks, args.zero_shot_limit)
-    scored = [run.stage("zeroshot", name, model=p, tasks=key(tasks)) for name, p in paths.items() if p]
+    scored = [stage for name, p in paths.items() if p for stage in stages(run, name, p)]
     each = dict(forward=chars / 4, share="lm-eval", fixed_s=n * estimate.PER_REQUEST_S)
     return [estimate.Phase(f"zero-shot ({n} requests per model)",
                            [estimate.Stage(p, **each) for p in scored]
@@ -375,16 +375,21 @@ def _quiet():
 # In a runner: every evaluated model, each a cached stage
 # ---------------------------------------------------------------------------------------------
 
+def stages(run, name: str, model) -> list:
+    """The zero-shot stage of a model (none without --zero-shot): keyed by the model, the tasks' files
+    and YAML and --zero-shot-limit."""
+    tasks = resolve(run.args.zero_shot, run.args.zero_shot_data)
+    return [run.stage("zeroshot", name, model=model, tasks=key(tasks))] if tasks else []
+
+
 def add_zero_shot(run, results: dict[str, dict], paths: dict) -> None:
     """--zero-shot on every model the runner evaluated (results: name -> {"summary", "items"}; paths:
     name -> its directory or name): each a cached stage keyed by the model, the tasks' files and YAML
     and --zero-shot-limit; the scores go into the model's summary and items."""
     args, c = run.args, run.compute
     tasks = resolve(args.zero_shot, args.zero_shot_data)
-    if not tasks:
-        return
-    for name in results:
-        cache = run.stage("zeroshot", name, model=paths[name], tasks=key(tasks))
+    for name in results if tasks else ():
+        cache, = stages(run, name, paths[name])
         if run.missing(cache):
             run.say(f"[zero-shot] {name}: {', '.join(t.name for t in tasks)}"
                     + (f", the first {args.zero_shot_limit} items of each" if args.zero_shot_limit else ""))

@@ -4,11 +4,12 @@ whose reported numbers must be the confirmation runs' and nothing else."""
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
 import pytest
-from conftest import BOOK_SMOKE, TOFU_SMOKE, run_in_process
+from conftest import BOOK_SMOKE, TOFU_SMOKE, ZERO_SHOT_SMOKE, run_in_process
 from test_faults import fails_cleanly
 from test_harmful import SMOKE as HARMFUL_SMOKE
 
@@ -180,7 +181,9 @@ def test_a_bad_learning_rate_list_is_one_line_before_any_work(tiny_model_dir, tm
     (["--confirm-seeds", "3"], "does nothing without --seeds"),
     (["--seeds", "0,0"], "given twice"),
     (["--seeds", "0,-1"], "must be in [0, 2^32)"),
-    (["--utility-bar", "0.8"], "does nothing without a grid")])
+    (["--utility-bar", "0.8"], "does nothing without a grid"),
+    (["--drop-selection-weights"], "does nothing without a grid"),
+    (["--lr", "1e-4,1e-3", "--drop-selection-weights", "--attacks", "relearn"], "with --attacks: the attacks start")])
 def test_bad_seed_lists_and_bars_are_one_line_before_any_work(tiny_model_dir, tmp_path, capsys, argv, says):
     fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), *argv], capsys,
                   tmp_path / "x", says)
@@ -190,6 +193,14 @@ def test_a_grid_larger_than_the_free_disk_is_refused(tiny_model_dir, tmp_path, c
     monkeypatch.setattr(models, "saved_bytes", lambda *a, **k: 10**15)  # a petabyte per model
     fails_cleanly(run_tofu.main, ["--model", tiny_model_dir, "--out", str(tmp_path / "x"), "--lr", "1e-4,1e-3"], capsys,
                   tmp_path / "x", "the grid saves 2 more unlearned models")
+    # dropping the selection runs' weights, a grid keeps one selection model at a time and each confirmation run's
+    monkeypatch.setattr(models, "saved_bytes", lambda *a, **k: shutil.disk_usage(tmp_path).free // 4)
+    grid = ["--model", tiny_model_dir, "--out", str(tmp_path / "y"), "--lr", "1e-4,1e-3,1e-2", "--seeds", "0,1",
+            "--confirm-seeds", "2,3"]
+    fails_cleanly(run_tofu.main, grid, capsys, tmp_path / "y", "the grid saves 8 more unlearned models")
+    fails_cleanly(run_tofu.main, [*grid, "--confirm-seeds", "2,3,4,5", "--drop-selection-weights"], capsys,
+                  tmp_path / "y", "the grid saves 5 more unlearned models")
+    assert flags.parse(run_tofu.Args, [*grid, "--drop-selection-weights"], run_tofu.resolve).drop_selection_weights
 
 
 def test_each_method_trains_at_its_own_learning_rate_and_the_rest_at_lr(tiny_model_dir):
@@ -340,6 +351,40 @@ def test_grids_sharing_one_out_each_keep_their_report(grid_run, tiny_model_dir):
     assert second.report["timings_s"] == {}
 
 
+def test_dropped_selection_weights_keep_the_report_and_are_retrained_not_loaded_when_a_new_reader_needs_them(
+        grid_run, tiny_model_dir, tmp_path, monkeypatch):
+    first, _, out = grid_run
+    loads, load = [], models.load_model
+
+    def load_checked(path, *a, **k):  # every model loaded has its weights: a dropped run is never read
+        assert not Path(path).is_dir() or stages.is_saved_model(Path(path)), path
+        loads.append(Path(path).name)
+        return load(path, *a, **k)
+    monkeypatch.setattr(models, "load_model", load_checked)
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    argv = ["--model", tiny_model_dir, "--out", str(copy), "--method", "flat,ga", *TOFU_SMOKE, "--lr", "1e-4,1e-2",
+            "--seeds", "0,1", "--confirm-seeds", "7,8", "--eval-every", "1", "--drop-selection-weights"]
+    dropped = run_in_process(run_tofu.main, argv)  # every stage cached: the selection runs' weights go
+    assert dropped.report["comparison"] == first.report["comparison"] and dropped.report["timings_s"] == {}
+    dirs = {label: copy / Path(d).name for label, d in first.report["dirs"].items() if label in first.report["methods"]}
+    confirmation = {label for label in dirs if label.endswith(("seed=7", "seed=8"))}
+    for label, d in dirs.items():  # weights kept by the confirmation runs alone; every run keeps its logs
+        assert bool(list(d.glob("*.safetensors"))) == (label in confirmation), label
+        assert (d / "train_log.json").exists() and (d / "config.json").exists()
+    assert len(confirmation) == 4 and len(dirs) == 12
+    loads.clear()
+    again = run_in_process(run_tofu.main, argv)  # their evaluations reused: nothing trains, nothing loads
+    assert again.report["comparison"] == first.report["comparison"] and again.report["timings_s"] == {}
+    assert again.stdout.count("(weights dropped; what reads them is cached)") == 8 and loads == []
+    # a new reader of every model (zero-shot scores): a dropped run is retrained for it, never loaded without weights
+    new = run_in_process(run_tofu.main, [*argv, *ZERO_SHOT_SMOKE])
+    trained = sorted(k for k in new.report["timings_s"] if k.startswith("unlearn_"))
+    assert trained == sorted(f"unlearn_{label}_s" for label in dirs if label not in confirmation)
+    assert {d.name for d in dirs.values()} <= set(loads)  # each scored, with its weights (load_checked)
+    assert all(bool(list(d.glob("*.safetensors"))) == (label in confirmation) for label, d in dirs.items())
+
+
 def test_the_grid_progress_counts_every_unlearning_and_evaluation_stage(grid_run):
     lines = [line for line in grid_run[0].stdout.splitlines() if "[grid]" in line]
     total = 2 * (2 * 2 * 2 + 2 * 2) + 2  # train and evaluate each run, and the target and retain evaluations
@@ -353,8 +398,9 @@ def test_the_grid_progress_counts_every_unlearning_and_evaluation_stage(grid_run
     ("run_harmful", HARMFUL_SMOKE, "harmful_unseen", "truthfulqa_nll")])
 def test_the_book_and_harmful_runners_compare_by_their_own_rule(runner, smoke, objective, bar, tiny_model_dir, tmp_path):
     main = __import__(runner).main
-    r = run_in_process(main, ["--model", tiny_model_dir, "--out", str(tmp_path / "r"), *smoke, "--method", "ga",
-                              "--lr", "1e-4,1e-2", "--seeds", "0", "--confirm-seeds", "1"])
+    argv = ["--model", tiny_model_dir, "--out", str(tmp_path / "r"), *smoke, "--method", "ga", "--lr", "1e-4,1e-2",
+            "--seeds", "0", "--confirm-seeds", "1", "--drop-selection-weights"]
+    r = run_in_process(main, argv)
     c = r.report["comparison"]
     assert c["objective"] == objective and [b["metric"] for b in c["bars"]] == [bar]
     original = r.report["original"]
@@ -368,3 +414,9 @@ def test_the_book_and_harmful_runners_compare_by_their_own_rule(runner, smoke, o
     assert list(r.report["methods"]) == ["ga@lr=0.0001,seed=0", "ga@lr=0.01,seed=0", protocol.cell_label("ga", lr, 1)]
     confirmed = r.report["methods"][protocol.cell_label("ga", lr, 1)]
     assert c["confirmed"]["ga"][objective] == {"mean": confirmed[objective], "sd": None, "n": 1, "missing": 0}
+    # --drop-selection-weights: the confirmation run alone keeps its weights, and a rerun reuses every evaluation
+    kept = [bool(list(Path(r.report["dirs"][label]).glob("*.safetensors"))) for label in r.report["methods"]]
+    assert kept == [False, False, True]
+    again = run_in_process(main, argv)
+    assert not [k for k in again.report["timings_s"] if k.startswith(("unlearn_", "eval_", "zeroshot_"))]
+    assert again.report["comparison"] == c
