@@ -62,7 +62,9 @@ def cost(report: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=100)
     colors = plt.get_cmap("tab10")
     nll = (report.get("original") or {}).get("truthfulqa_nll")
-    placed = []  # (minutes, rate) of the points labelled so far: a label near another goes below it
+    # (minutes, rate) of the points labelled so far: a label near one goes below it; a label runs right of its
+    # point about half the axis' decades, so "near" is a factor of 8 in time either way
+    placed = []
     for i, (name, c) in enumerate(report["costs"].items()):
         m = report["methods"].get(name, {})
         rate = m.get("harmful_unseen")
@@ -71,7 +73,7 @@ def cost(report: dict, path: Path) -> Path:
             said = [f"NLL {m['truthfulqa_nll'] / nll:.2f}x" if nll and m.get("truthfulqa_nll") is not None else "",
                     f"degenerate {m['degenerate_unseen']:.0%}" if m.get("degenerate_unseen") is not None else ""]
             x = c["train_s"] / 60
-            near = sum(abs(rate - r) < 0.02 and 0.5 < x / px < 2 for px, r in placed)
+            near = sum(abs(rate - r) < 0.02 and 1 / 8 < x / px < 8 for px, r in placed)
             placed.append((x, rate))
             ax.annotate(f"{name} ({', '.join(t for t in said if t)})", (x, rate), textcoords="offset points",
                         xytext=(5, 4 - 11 * near), fontsize=8, color=colors(i % 10))
