@@ -346,6 +346,8 @@ def harmful_plan(run: stages.Run, tok, style: str, forget: list, eval_sets: dict
     per_eval = 2 * sum(len(qs) for qs in eval_sets.values()) * (mean + args.max_new_tokens)
     watched = 2 * (len(eval_sets["unseen"]) + len(eval_sets["truthfulqa"])) * (mean + args.max_new_tokens)
 
+    kept = lambda confirm: 0 if args.drop_selection_weights and not confirm else size  # noqa: E731 (disk a run keeps)
+
     def cost(path, variant, confirm: bool) -> estimate.Stage:
         m = variant.method
         if m.name == "rlhf":  # the reward model's epochs over its pairs (2 responses each), then per RLOO step k
@@ -357,7 +359,7 @@ def harmful_plan(run: stages.Run, tok, style: str, forget: list, eval_sets: dict
         streams = 1 + (m.template is not None) + m.needs_retain(variant.params)
         evals = steps // args.eval_every if args.eval_every and (confirm or not grid.on) else 0
         return estimate.Stage(path, steps * rps * mean * streams, steps * rps * mean * len(m.reference)
-                              + evals * watched, size)
+                              + evals * watched, kept(confirm))
     confirm = [(estimate.LATER, v) for v in variants for _ in grid.confirm_seeds] if grid.on else []
     runs = [cost(p, c.variant, False) for c, p in zip(grid.cells(variants), unlearned.values())]
     runs += [cost(p, v, True) for p, v in confirm]

@@ -271,11 +271,14 @@ def hp_plan(run: stages.Run, tok, d: dict, original, ev: "Evaluation", grid: pro
     rows = estimate.rows_trained(len(d["forget"]), args.epochs, rps, args.max_steps)
     watched = 2 * chunk * len(ev.sets["forget"]) + chunk * len(ev.wiki_eval)
 
+    kept = lambda confirm: 0 if args.drop_selection_weights and not confirm else size  # noqa: E731 (disk a run keeps)
+
     def cost(path, variant, confirm: bool) -> estimate.Stage:
         m = variant.method
         streams = 1 + (m.template is not None) + m.needs_retain(variant.params)
         evals = rows / rps // args.eval_every if args.eval_every and (confirm or not grid.on) else 0
-        return estimate.Stage(path, rows * chunk * streams, rows * chunk * len(m.reference) + evals * watched, size)
+        return estimate.Stage(path, rows * chunk * streams, rows * chunk * len(m.reference) + evals * watched,
+                              kept(confirm))
     confirm = [(estimate.LATER, v) for v in variants for _ in grid.confirm_seeds] if grid.on else []
     runs = [cost(p, c.variant, False) for c, p in zip(grid.cells(variants), unlearned.values())]
     runs += [cost(p, v, True) for p, v in confirm]

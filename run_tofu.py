@@ -246,13 +246,15 @@ def tofu_plan(run: stages.Run, tok, style: str, forget: list, retain: list, eval
     watched = scored({k: v[:args.eval_items] for k, v in eval_sets.items() if k != "holdout"})
     steps = estimate.rows_trained(len(forget), args.epochs, run.rows_per_step, args.max_steps) / run.rows_per_step
 
+    kept = lambda confirm: 0 if args.drop_selection_weights and not confirm else size  # noqa: E731 (disk a run keeps)
+
     def cost(path, variant, confirm: bool) -> estimate.Stage:
         m = variant.method
         streams = 1 + (m.template is not None) + m.needs_retain(variant.params)
         evals = steps // args.eval_every if args.eval_every and (confirm or not grid.on) else 0
         rows = trained(forget, args.epochs) / mean(forget)
         return estimate.Stage(path, rows * mean(forget) * streams,
-                              rows * mean(forget) * len(m.reference) + evals * watched, size)
+                              rows * mean(forget) * len(m.reference) + evals * watched, kept(confirm))
     confirm = [(estimate.LATER, v) for v in variants for _ in grid.confirm_seeds] if grid.on else []
     runs = [cost(p, c.variant, False) for c, p in zip(grid.cells(variants), unlearned.values())]
     runs += [cost(p, v, True) for p, v in confirm]
