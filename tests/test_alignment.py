@@ -18,6 +18,7 @@ import judges
 import methods
 import models
 import run_harmful
+import tasks
 from errors import DataError, UnknownName, UsageError
 
 SMOKE = ["--max-steps", "2", "--forget-items", "12", "--steps", "3", "--batch-size", "4", "--eval-prompts", "3",
@@ -91,7 +92,7 @@ def test_dpo_safe_prefers_the_safe_response_of_each_pair(baselines_run, tiny_mod
 
     def margin(path):
         model, tok = models.load_model(str(path), "cpu")
-        style = run_harmful.prompt_style(str(path), tok)
+        style = tasks.prompt_style(str(path), tok)
         rows = [(data.encode_qa(tok, style, r["question"], r["safe_answer"], max_answer_tokens=8),
                  data.encode_qa(tok, style, r["question"], r["answer"], max_answer_tokens=8)) for r in forget]
         with torch.no_grad():

@@ -14,7 +14,7 @@ FLOORS = [
     ("runners and tools", {"run_tofu", "run_hp", "run_harmful", "bench.speed", "bench.__main__", "bench.gpu_check",
                            "bench.evaluation",
                            "examples.hf_trainer_flat"}),
-    ("run machinery", {"stages", "flags", "estimate", "attacks", "judges", "alignment", "zeroshot", "tables",
+    ("run machinery", {"stages", "flags", "estimate", "attacks", "judges", "alignment", "zeroshot", "tables", "tasks",
                        "plots"}),
     ("the method", {"train", "evaluate", "protocol", "bench.memplan", "bench.measure", "bench"}),
     ("data and models", {"data", "corpora", "models", "mia", "distributed"}),
