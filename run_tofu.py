@@ -94,7 +94,8 @@ PRESETS = {
 # on seeds 0 and 1 among 1e-5, 3e-5, 1e-4, 3e-4): without --lr, each method trains at its own, and a method
 # the protocol did not run at the preset's lr. --lr sets one for every method.
 PROTOCOL_LRS = {
-    "smollm2-135m": "flat:kl=1e-4,flat:tv=1e-4,ga=1e-4,npo=1e-4,simnpo=1e-4,idk=1e-5,dpo=1e-5",
+    "smollm2-135m": "flat:kl=1e-4,flat:js=1e-4,flat:pearson=1e-4,flat:tv=1e-4,ga=1e-4,npo=1e-4,simnpo=1e-4,"
+                    "idk=1e-5,dpo=1e-5,gd=1e-4,llmu=3e-5",
 }
 
 

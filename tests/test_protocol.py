@@ -212,6 +212,16 @@ def test_each_method_trains_at_its_own_learning_rate_and_the_rest_at_lr(tiny_mod
     assert [c.args(args).lr for c in cells] == [1e-5, 3e-5, 1e-4, 2e-4]  # what each stage is keyed and trained by
 
 
+def test_the_tofu_runner_trains_each_method_at_the_learning_rate_the_tofu_protocol_chose():
+    methods = "flat,flat:js,flat:pearson,flat:tv,ga,npo,simnpo,idk,dpo,gd,llmu,kl"
+    args = flags.parse(run_tofu.Args, ["--method", methods], run_tofu.resolve)
+    assert [(c.label, c.lr) for c in flags.grid(args).cells(flags.variants(args))] == [
+        ("flat", 1e-4), ("flat:js", 1e-4), ("flat:pearson", 1e-4), ("flat:tv", 1e-4), ("ga", 1e-4), ("npo", 1e-4),
+        ("simnpo", 1e-4), ("idk", 1e-5), ("dpo", 1e-5), ("gd", 1e-4), ("llmu", 3e-5), ("kl", 1e-4)]  # kl: the preset's
+    args = flags.parse(run_tofu.Args, ["--method", methods, "--lr", "2e-4"], run_tofu.resolve)
+    assert {c.lr for c in flags.grid(args).cells(flags.variants(args))} == {2e-4}
+
+
 @pytest.mark.parametrize("task, llmu", [("harmful", 3e-4), ("hallucination", 1e-4)])
 def test_the_harmful_runner_trains_each_method_at_the_learning_rate_its_task_protocol_chose(task, llmu):
     import run_harmful
