@@ -353,7 +353,7 @@ def check_name(name: str, trust_remote_code: bool = False, causal: bool = True) 
     path = _resolve(name)
     if os.path.isdir(path):
         check_model_dir(path, trust_remote_code, causal)
-    elif not _in_hub_cache(path) and not hub_reachable():
+    elif _local_copy(path) is None and not hub_reachable():
         raise ModelLoadError(f"{name!r}: not a directory, not in the local Hugging Face cache, and the Hub is "
                              f"unreachable from this machine; download it where the Hub is reachable and pass "
                              f"the directory")
@@ -412,12 +412,18 @@ def check_model_dir(path: str, trust_remote_code: bool = False, causal: bool = T
         raise ModelLoadError(f"{where}: its tokenizer has neither a pad nor an EOS token")
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def _local_copy(path: str) -> str | None:
+    """The directory to load `path` from without the network: the directory itself, or the snapshot of
+    a Hub id in the local Hugging Face cache; None when neither exists. Loading from this directory
+    keeps transformers off the network: given a Hub id with local_files_only, transformers 5 still
+    asks the Hub for an adapter file and retries for 23 s when it cannot be reached."""
+    if os.path.isdir(path):
+        return path
     try:
-        from huggingface_hub import try_to_load_from_cache  # with transformers, heavy: a Hub id only
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # an id the cache cannot even look up
-        return False
+        from huggingface_hub import snapshot_download  # with transformers, heavy: a Hub id only
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # not cached, or an id the cache cannot even look up
+        return None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -441,17 +447,22 @@ def model_config(name: str, trust_remote_code: bool = False):
     return _local_or_hub(AutoConfig, name, "config", trust_remote_code)
 
 
-def _local_or_hub(auto_class, name: str, what: str, trust_remote_code: bool):
-    """auto_class.from_pretrained for a model's small files: the local copy or cache first, the Hub
-    only when it can be reached (so that offline, this fails at once and says why)."""
+def _local_or_hub(auto_class, name: str, what: str, trust_remote_code: bool, **kwargs):
+    """auto_class.from_pretrained: the local copy or cache first, the Hub only when it can be reached
+    (so that offline, this fails at once and says why)."""
     path = _resolve(name)
+    local = _local_copy(path)
     try:
-        return auto_class.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except OSError:
-        if os.path.isdir(path) or not hub_reachable():
-            raise ModelLoadError(f"cannot load the {what} of {name!r} ({path}): not found locally and the "
-                                 f"Hugging Face Hub is unreachable") from None
-        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if local is not None:
+            return auto_class.from_pretrained(local, local_files_only=True, trust_remote_code=trust_remote_code,
+                                              **kwargs)
+    except OSError:  # a cached snapshot without this file: the Hub has it
+        if local == path:
+            raise ModelLoadError(f"cannot load the {what} of {name!r} from {path}") from None
+    if not hub_reachable():
+        raise ModelLoadError(f"cannot load the {what} of {name!r} ({path}): not found locally and the "
+                             f"Hugging Face Hub is unreachable")
+    return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def _resolve(name: str) -> str:
@@ -472,14 +483,10 @@ def _load_pretrained(path: str, name: str, dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(trust_remote_code=trust_remote_code)
-    if os.path.isdir(path):
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs),
-                AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs))
-    try:  # already in the local Hugging Face cache
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs),
-                AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs))
-    except OSError:
-        pass
+    local = _local_copy(path)
+    if local is not None:
+        return (AutoModelForCausalLM.from_pretrained(local, dtype=dtype, local_files_only=True, **kwargs),
+                AutoTokenizer.from_pretrained(local, local_files_only=True, **kwargs))
     if not hub_reachable():
         raise ModelLoadError(
             f"cannot load model {name!r} ({path}): the Hugging Face Hub is unreachable from this machine and "
@@ -493,15 +500,7 @@ def _load_pretrained(path: str, name: str, dtype, trust_remote_code: bool):
 def load_pretrained(auto_class, name: str, dtype, trust_remote_code: bool = False, **kwargs):
     """auto_class.from_pretrained of `name`'s weights (e.g. a sequence classifier built on a causal LM's
     checkpoint): the local copy or cache first, the Hub only when it can be reached."""
-    path = _resolve(name)
-    try:
-        return auto_class.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                          trust_remote_code=trust_remote_code, **kwargs)
-    except OSError:
-        if os.path.isdir(path) or not hub_reachable():
-            raise ModelLoadError(f"cannot load {name!r} ({path}): not found locally and the Hugging Face Hub is "
-                                 f"unreachable") from None
-        return auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    return _local_or_hub(auto_class, name, "weights", trust_remote_code, dtype=dtype, **kwargs)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -145,7 +145,7 @@ def method_lrs(text: str, lr_check=None) -> tuple:
 class Bar(NamedTuple):
     """What a learning rate must keep: `metric` (mean over the selection seeds) against the reference
     model's, with the threshold of flag `flag`: "ratio>=" (value >= t x reference), "ratio<=" (value <=
-    t x reference) or "within" (|value - reference| <= t)."""
+    t x reference) or "drop<=" (value >= reference - t: a score may fall by at most t, and may rise)."""
     metric: str
     flag: str
     kind: str
@@ -155,10 +155,10 @@ class Bar(NamedTuple):
             return value >= threshold * reference
         if self.kind == "ratio<=":
             return value <= threshold * reference
-        return abs(value - reference) <= threshold
+        return value >= reference - threshold
 
     def says(self, threshold: float, reference_name: str) -> str:
-        op = {"ratio>=": f">= {threshold:g} x", "ratio<=": f"<= {threshold:g} x", "within": f"within {threshold:g} of"}
+        op = {"ratio>=": f">= {threshold:g} x", "ratio<=": f"<= {threshold:g} x", "drop<=": f"at most {threshold:g} below"}
         return f"{self.metric} {op[self.kind]} the {reference_name}'s"
 
 
@@ -189,7 +189,10 @@ TOFU = Rule("forget_quality", True, (Bar("model_utility", "utility_bar", "ratio>
 # reference's failed every run of the first book protocol whatever it did (docs/claims.md, 2026-12-06).
 BOOK = Rule("forget_quality_gap", False, (Bar("wikitext_ppl", "ppl_bar", "ratio<="),), fallback_higher=False,
             reference="original model")
-BOOK_ZERO_SHOT = BOOK._replace(bars=BOOK.bars + (Bar("zeroshot_mean", "zero_shot_bar", "within"),))
+# One-sided: zero-shot accuracy that rises is not lost utility. Until 2026-12-07 this bar was two-sided
+# (|value - original's| <= 0.02), which failed runs whose zero-shot rose towards the reference model's
+# (docs/claims.md, the book protocol); it changed no choice of the runs reported.
+BOOK_ZERO_SHOT = BOOK._replace(bars=BOOK.bars + (Bar("zeroshot_mean", "zero_shot_bar", "drop<="),))
 HARMFUL = Rule("harmful_unseen", False, (Bar("truthfulqa_nll", "nll_bar", "ratio<="),), fallback_higher=False,
                reference="original model")
 HALLUCINATION = HARMFUL._replace(objective="hallucination_rate_unseen")
@@ -252,7 +255,7 @@ def start_fails(rule: Rule, start: dict, reference: dict, thresholds: dict, star
             continue
         needed = {"ratio>=": f"--{b.flag.replace('_', '-')} {value / ref:.3g} or below",
                   "ratio<=": f"--{b.flag.replace('_', '-')} {value / ref:.3g} or above",
-                  "within": f"--{b.flag.replace('_', '-')} {abs(value - ref):.3g} or above"}[b.kind]
+                  "drop<=": f"--{b.flag.replace('_', '-')} {ref - value:.3g} or above"}[b.kind]
         out.append(f"the {start_name} every run starts from has {b.metric} {value:.4g}, already outside the bar "
                    f"({b.says(t, reference_name or rule.reference)} {ref:.4g}); only a run that improves on it can pass "
                    f"({needed} would let the {start_name} pass)")

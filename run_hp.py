@@ -89,7 +89,7 @@ class Args(flags.RunArgs):
                               "perplexity is at most this times the original model's (protocol.BOOK)", only=(),
                          check=flags.POSITIVE, needs=flags.GRID)
     zero_shot_bar: float = arg(0.02, "a comparison's selection rule with --zero-shot: and its mean zero-shot "
-                                     "accuracy within this of the original model's", only=(), check=NON_NEGATIVE,
+                                     "accuracy at most this below the original model's", only=(), check=NON_NEGATIVE,
                                needs=GRID_ZERO_SHOT)
     epochs: Optional[int] = arg(None, "unlearning epochs over the forget chunks", only=("unlearn",), check=AT_LEAST_1)
     batch_size: Optional[int] = arg(None, "chunks per micro-batch", check=AT_LEAST_1)

@@ -1,4 +1,5 @@
 """Model loading, offline: a tiny model from a config, the embedded SmolLM2 default, clear errors."""
+import socket
 import time
 
 import pytest
@@ -41,14 +42,47 @@ def test_unknown_model_name_lists_the_aliases():
         models.load_model("gpt-17")
 
 
-def test_unreachable_hub_fails_at_once_with_a_clear_message(monkeypatch):
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every name lookup the process makes, refused and recorded: offline, nothing may even try."""
+    tried = []
+
+    def refuse(host, *args, **kwargs):
+        tried.append(host)
+        raise OSError(f"no network in this test ({host})")
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
-    start = time.time()
+    return tried
+
+
+def test_unreachable_hub_fails_at_once_with_a_clear_message(no_network):
+    # transformers 5, given a Hub id with local_files_only, asked the Hub for an adapter file and retried
+    # for 23 s before this error; now nothing tries the network
     with pytest.raises(ModelLoadError) as err:
         models.load_model("flat-unlearning-tests/no-such-model", device="cpu")
     msg = str(err.value)
     assert "'flat-unlearning-tests/no-such-model'" in msg and "unreachable" in msg and "--model DIR" in msg
-    assert time.time() - start < 30
+    with pytest.raises(ModelLoadError, match="config of 'flat-unlearning-tests/no-such-model'.*unreachable"):
+        models.model_config("flat-unlearning-tests/no-such-model")
+    assert no_network == []
+
+
+def test_a_hub_id_in_the_local_cache_loads_offline_without_the_network(tmp_path, monkeypatch, no_network):
+    """The Hugging Face cache's layout (models--org--name/refs/main and snapshots/<commit>/), filled
+    with a tiny model: the Hub id loads from it, with the weights it holds, and nothing asks the Hub."""
+    from huggingface_hub import constants
+    repo = tmp_path / "hub" / "models--flat-unlearning-tests--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    make_tiny_model(repo / "snapshots" / commit, "llama")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    models.check_name("flat-unlearning-tests/tiny")
+    model, tok = models.load_model("flat-unlearning-tests/tiny", device="cpu")
+    local, _ = models.load_model(str(repo / "snapshots" / commit), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
+    assert models.model_config("flat-unlearning-tests/tiny").hidden_size == model.config.hidden_size
+    assert no_network == []
 
 
 def test_hub_probe_answers_quickly():

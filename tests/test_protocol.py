@@ -85,6 +85,12 @@ def test_each_benchmark_rule_reads_its_own_direction_and_bars():
     assert protocol.select(protocol.BOOK, summaries, ref, {"ppl_bar": 1.1})["ga"].lr == 1e-4   # lowest gap, ppl <= 22
     with_zs = protocol.select(protocol.BOOK_ZERO_SHOT, summaries, ref, {"ppl_bar": 1.1, "zero_shot_bar": 0.02})
     assert with_zs["ga"].lr == 1e-5
+    # zero-shot that rises is not lost utility: a point 0.03 above the original's passes (the clean book
+    # protocol's FLAT at 2e-5 rose by 0.0204 and was failed by the two-sided bar it ran under)
+    summaries["ga"][1e-4][0]["zeroshot_mean"] = 0.53
+    assert protocol.select(protocol.BOOK_ZERO_SHOT, summaries, ref, {"ppl_bar": 1.1, "zero_shot_bar": 0.02})["ga"].lr == 1e-4
+    assert "zeroshot_mean at most 0.02 below the original model's" in protocol.BOOK_ZERO_SHOT.says(
+        {"ppl_bar": 1.1, "zero_shot_bar": 0.02})
     harmful = {"llmu": {1e-5: [{"harmful_unseen": 0.3, "truthfulqa_nll": 2.0}],
                         1e-4: [{"harmful_unseen": 0.1, "truthfulqa_nll": 2.5}]}}
     assert protocol.select(protocol.HARMFUL, harmful, {"truthfulqa_nll": 2.0}, {"nll_bar": 1.1})["llmu"].lr == 1e-5
@@ -119,7 +125,9 @@ def test_a_bar_the_starting_model_already_fails_is_said_with_the_value_that_woul
     ref, start = {"wikitext_ppl": 59.42, "zeroshot_mean": 0.40}, {"wikitext_ppl": 103.52, "zeroshot_mean": 0.37}
     notes = protocol.start_fails(protocol.BOOK_ZERO_SHOT, start, ref, book, "original model")
     assert len(notes) == 2 and "wikitext_ppl 103.5," in notes[0] and "--ppl-bar 1.74 or above" in notes[0]
-    assert "--zero-shot-bar 0.03 or above" in notes[1]                                # |0.37 - 0.40|
+    assert "--zero-shot-bar 0.03 or above" in notes[1]                                # 0.40 - 0.37
+    above = protocol.start_fails(protocol.BOOK_ZERO_SHOT, {**start, "zeroshot_mean": 0.45}, ref, book, "original model")
+    assert len(above) == 1 and "wikitext_ppl" in above[0]                            # 0.05 above: no note
     assert protocol.start_fails(protocol.BOOK, {"wikitext_ppl": 65.0}, ref, book, "original model") == []  # 1.094x
     assert protocol.start_fails(protocol.BOOK, {"wikitext_ppl": None}, ref, book, "original model") == []
     assert protocol.start_fails(RULE, {"model_utility": 0.5}, REF, BAR, "target") == []            # the bar: 0.45
