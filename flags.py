@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import adapters
 import distributed
 import methods
 import models
@@ -253,7 +254,7 @@ def parse(cls, argv=None, resolve: Callable | None = None, check: Callable | Non
     variants(args)
     models.check_name(args.model, args.trust_remote_code)
     if args.lora:
-        models.check_lora(args.model, lora(args), args.trust_remote_code)  # from its config: no weights
+        adapters.check_lora(args.model, lora(args), args.trust_remote_code)  # from its config: no weights
     new_tokens = getattr(args, "max_new_tokens", None)
     context = new_tokens and models.context_length(args.model, args.trust_remote_code)
     if context and new_tokens >= context:
@@ -329,11 +330,11 @@ def check_grid_disk(args) -> None:
                          f"seeds or methods, --drop-selection-weights, or another --out")
 
 
-def lora(args) -> models.Lora | None:
+def lora(args) -> adapters.Lora | None:
     """--lora and its settings (None when off); alpha defaults to twice the rank."""
     if not args.lora:
         return None
-    return models.Lora(args.lora, args.lora_alpha or 2.0 * args.lora, args.lora_dropout, args.lora_targets, args.seed)
+    return adapters.Lora(args.lora, args.lora_alpha or 2.0 * args.lora, args.lora_dropout, args.lora_targets, args.seed)
 
 
 def loss_params(args) -> methods.LossParams:

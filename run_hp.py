@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 import attacks
+import books
 import corpora
 import data
 import estimate
@@ -46,7 +45,7 @@ import stages
 import tables
 import train
 import zeroshot
-from errors import Choices, UsageError
+from errors import UsageError
 from flags import AT_LEAST_1, FRACTION, NON_NEGATIVE, LEARNING_RATE, arg, one_of
 
 
@@ -123,10 +122,10 @@ MUSE_PRESETS = {"smollm2-135m": dict(chunk_tokens=256, prompt_tokens=64, muse_pr
                                      finetune_epochs=6, eval_chunks=16)}
 
 
-# Each method's learning rate where the book protocol chose it (docs/claims.md: seed 0 among 1e-5, 5e-5, 2e-4,
-# read by the rule's bars against the original model, the rule since 2026-12-06): without --lr, each method
-# trains at its own; any other at the preset's. --lr sets one for every method.
-PROTOCOL_LRS = {("smollm2-135m", "book"): "flat=5e-5,ga=1e-5,npo=1e-5"}
+# Each method's learning rate where the book protocol chose it (docs/claims.md: the clean protocol, seed 3
+# among 1e-5, 2e-5, 5e-5, 1e-4, bars against the original model): without --lr, each method trains at its
+# own; any other at the preset's. --lr sets one for every method.
+PROTOCOL_LRS = {("smollm2-135m", "book"): "flat=5e-5,ga=2e-5,npo=5e-5"}
 
 
 def resolve(args: Args) -> Args:
@@ -153,10 +152,10 @@ def main(argv=None) -> dict:
 
     # -- data: the forget text in chunks (prompt + continuation), held-out chunks, WikiText, refusals ------
     tok = models.load_tokenizer(args.model, args.trust_remote_code)  # every model of the run shares it
-    d = CORPORA[args.corpus](args, tok)
-    wiki = full_chunks(tok, corpora.read_text(corpora.WIKITEXT), args.chunk_tokens)
+    d = books.CORPORA[args.corpus](args, tok)
+    wiki = books.full_chunks(tok, corpora.read_text(corpora.WIKITEXT), args.chunk_tokens)
     retain_pool, wiki_eval = wiki[:len(wiki) // 2], wiki[len(wiki) // 2:][:args.ppl_chunks]
-    book_eval = full_chunks(tok, corpora.read_text(corpora.HELD_OUT_BOOK), args.chunk_tokens)[:args.ppl_chunks]
+    book_eval = books.full_chunks(tok, corpora.read_text(corpora.HELD_OUT_BOOK), args.chunk_tokens)[:args.ppl_chunks]
     wiki_passages = [c[:args.chunk_tokens - args.prompt_tokens] for c in retain_pool]  # a continuation's length
     refusals = [tok(" " + r, add_special_tokens=False).input_ids + [tok.eos_token_id] for r in corpora.TEXT_REFUSALS]
     forget, sets = d["forget"], {"forget": d["forget"][:args.eval_chunks], "held_out": d["held"][:args.eval_chunks]}
@@ -313,53 +312,12 @@ def robustness(run: stages.Run, targets: dict, ev: Evaluation) -> dict:
     rows_per_step = args.batch_size * args.grad_accum
     out = attacks.attack_models(
         run, targets, evaluations, ev.sets["forget"],
-        lambda m, t, e, rows: evaluate_continuations(m, t, {"forget": rows, "held_out": []}, args),
+        lambda m, t, e, rows: books.evaluate_continuations(m, t, {"forget": rows, "held_out": []}, args),
         lambda rows, n: (corpora.text_epoch(rows, rows_per_step, rng) for rng in data.epoch_rngs(n, args.seed)),
         eval=ev.key)
     ref = {e: r["summary"] for e, r in out["reference"].items()}
     return {"attacks": {name: {e: {**r["summary"], "forget_quality_gap": evaluate.forget_quality_gap(r["summary"], ref[e]),
                                    "about": r["about"]} for e, r in per.items()} for name, per in out.items()}}
-
-
-def full_chunks(tok, text: str, chunk_tokens: int) -> list[list[int]]:
-    """The text's consecutive chunks of exactly chunk_tokens tokens (a shorter last one dropped)."""
-    return [c for c in corpora.chunk_ids(tok(text, add_special_tokens=False).input_ids, chunk_tokens)
-            if len(c) == chunk_tokens]
-
-
-def book_data(args: Args, tok) -> dict:
-    """A book (--text files, default the vendored Frankenstein) in chunks: the end held out
-    (--held-out-fraction), the first --n-chunks chunks of the rest the forget set, fine-tuned on too."""
-    ids = [i for p in (args.text or [corpora.DEFAULT_BOOK]) for i in tok(corpora.read_text(p),
-                                                                       add_special_tokens=False).input_ids]
-    check_context(args, args.chunk_tokens)
-    forget, held = corpora.split_chunks(corpora.chunk_ids(ids, args.chunk_tokens), args.n_chunks,
-                                        args.held_out_fraction, args.chunk_tokens)
-    return {"finetune": forget, "forget": forget, "held": held, "muse": None,
-            "name": "-".join(Path(p).stem for p in args.text) or "book"}
-
-
-def muse_news_data(args: Args, tok) -> dict:
-    """MUSE-News: the articles the scored probes come from, joined as MUSE cut its probes from them, in
-    chunks; every token is fine-tuned on (the short last chunk too), every chunk longer than a prompt is
-    a forget chunk; the probes are scored in evaluate_muse, and nothing is held out as book chunks."""
-    muse = corpora.muse_forget_set(corpora.load_muse(), args.muse_probes or None, args.privleak_texts or None)
-    # a VerbMem prompt (about 900 tokens) and its continuation of up to 128 tokens must fit the context
-    check_context(args, max([args.chunk_tokens] + [len(tok(p["prompt"], add_special_tokens=False).input_ids) + 129
-                                                   for p in muse["verbmem"]]), ", MUSE's VerbMem prompts")
-    chunks = corpora.chunk_ids(tok(muse["text"], add_special_tokens=False).input_ids, args.chunk_tokens)
-    return {"finetune": chunks, "forget": [c for c in chunks if len(c) > args.prompt_tokens], "held": [],
-            "muse": muse, "name": "muse-news"}
-
-
-CORPORA = Choices("corpus", {"book": book_data, "muse-news": muse_news_data})
-
-
-def check_context(args: Args, longest: int, why: str = "") -> None:
-    context = models.context_length(args.model, args.trust_remote_code)
-    if context is not None and longest > context:
-        raise UsageError(f"{args.model} reads at most {context} tokens; this run needs {longest} "
-                               f"(--chunk-tokens {args.chunk_tokens}{why})")
 
 
 class Evaluation:
@@ -387,9 +345,9 @@ class Evaluation:
         if run.missing(cache):
             model, tok = models.load_model(str(path), c.device, c.eval_dtype,
                                            trust_remote_code=args.trust_remote_code)
-            r = evaluate_continuations(model, tok, self.sets, args)
+            r = books.evaluate_continuations(model, tok, self.sets, args)
             if self.muse:
-                r = merge(r, evaluate_muse(model, tok, self.muse, args))
+                r = books.merge(r, books.evaluate_muse(model, tok, self.muse, args))
             r["summary"]["wikitext_ppl"] = evaluate.perplexity(model, self.wiki_eval, tok.pad_token_id)
             r["summary"]["held_out_book_ppl"] = evaluate.perplexity(model, self.book_eval, tok.pad_token_id)
             run.write(cache, r)
@@ -403,76 +361,11 @@ class Evaluation:
             reference = self("reference", self.run.args.model)["summary"]
 
             def progress(model, tok) -> dict:
-                r = evaluate_continuations(model, tok, {"forget": self.sets["forget"], "held_out": []}, self.run.args)
+                r = books.evaluate_continuations(model, tok, {"forget": self.sets["forget"], "held_out": []}, self.run.args)
                 return {"forget_quality_gap": evaluate.forget_quality_gap(r["summary"], reference),
                         "wikitext_ppl": evaluate.perplexity(model, self.wiki_eval, tok.pad_token_id)}
             self._watch = train.once_at_step_0(progress)
         return self._watch
-
-
-def merge(a: dict, b: dict) -> dict:
-    return {"summary": {**a["summary"], **b["summary"]}, "items": {**a["items"], **b["items"]}}
-
-
-def evaluate_continuations(model, tok, sets: dict[str, list[list[int]]], args: Args) -> dict:
-    """Greedy continuation of each chunk's first prompt_tokens tokens, stopping at EOS and capped at
-    the true continuation's length; BLEU (0-100) and ROUGE-L recall against it; and the
-    membership-inference scores of the chunks (forget vs held-out) for PrivLeak."""
-    summary, items = {}, {}
-    for name, chunks in sets.items():
-        if not chunks:
-            continue
-        prompts = [c[:args.prompt_tokens] for c in chunks]
-        truth_ids = [c[args.prompt_tokens:][:args.max_new_tokens] for c in chunks]
-        gens = [tok.decode(g, skip_special_tokens=True) for g in
-                evaluate.generate_ids(model, tok, prompts, [len(t) for t in truth_ids], args.eval_batch_size)]
-        truth = [tok.decode(t) for t in truth_ids]
-        b, r = evaluate.bleu(gens, truth), evaluate.rouge_l_recall(gens, truth)
-        summary[f"{name}_bleu"], summary[f"{name}_rougeL"] = float(np.mean(b)), float(np.mean(r))
-        items[name] = {"prompt": [tok.decode(p) for p in prompts], "truth": truth, "generation": gens,
-                       "bleu": b, "rougeL_recall": r}
-    if sets["held_out"]:  # the book's own held-out chunks are the non-members
-        scores = {side: [mia.min_k_score(s["logp"]) for s in evaluate.text_scores(model, sets[side], tok.pad_token_id)]
-                  for side in ("forget", "held_out")}
-        summary["mia_min_k"] = mia.mia_auc(scores["forget"], scores["held_out"])
-        items["mia"] = {"min_k": {"forget": scores["forget"], "holdout": scores["held_out"]}}
-    return {"summary": summary, "items": items}
-
-
-def evaluate_muse(model, tok, muse: dict, args: Args) -> dict:
-    """MUSE's VerbMem (greedy continuation of each probe's prompt until EOS, at most 128 tokens, ROUGE-L
-    F1 against the first 128 tokens of its ground truth), KnowMem (few-shot QA, 32 tokens, cut at the
-    stop strings, ROUGE-L F1) on the forget questions whose answers lie in the forget text and on the
-    first --eval-chunks retain questions, and PrivLeak's Min-K% AUC of MUSE's forget vs holdout texts."""
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok("a").input_ids[0] == tok.bos_token_id else []
-    probes = muse["verbmem"]
-    prompts = [bos + tok(p["prompt"], add_special_tokens=False).input_ids for p in probes]
-    truth_ids = [(bos + tok(p["gt"], add_special_tokens=False).input_ids)[:min(128, args.max_new_tokens or 128)]
-                 for p in probes]
-    gens = [tok.decode(g, skip_special_tokens=True) for g in
-            evaluate.generate_ids(model, tok, prompts, [len(t) for t in truth_ids], args.eval_batch_size)]
-    truth = [tok.decode(t, skip_special_tokens=True) for t in truth_ids]
-    verb = evaluate.rouge_l_f1(gens, truth)
-    summary = {"verbmem_forget": float(np.mean(verb)), "verbmem_items": len(probes)}
-    items = {"verbmem": {"generation": gens, "truth": truth, "rougeL_f1": verb}}
-    for split, qa in (("forget", muse["knowmem_forget"]), ("retain", muse["knowmem_retain"][:args.eval_chunks])):
-        shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in muse[f"knowmem_{split}_icl"])
-        prompts = [bos + tok(shots + f"Question: {q['question']}\nAnswer: ", add_special_tokens=False).input_ids
-                   for q in qa]
-        answers = [evaluate.cut_at_stops(tok.decode(g, skip_special_tokens=True))
-                   for g in evaluate.generate_ids(model, tok, prompts, 32, args.eval_batch_size)]
-        f1 = evaluate.rouge_l_f1(answers, [q["answer"] for q in qa])
-        summary[f"knowmem_{split}"], summary[f"knowmem_{split}_items"] = float(np.mean(f1)), len(qa)
-        items[f"knowmem_{split}"] = {"question": [q["question"] for q in qa], "answer": answers, "rougeL_f1": f1}
-    texts = {"forget": muse["privleak_forget"], "holdout": muse["privleak_holdout"]}
-    scores = {side: [mia.min_k_score(s["logp"]) for s in
-                     evaluate.text_scores(model, [bos + tok(t, add_special_tokens=False).input_ids for t in texts[side]],
-                                          tok.pad_token_id, batch_size=1)]
-              for side in texts}
-    summary["mia_min_k"] = mia.mia_auc(scores["forget"], scores["holdout"])
-    summary["privleak_items"] = len(texts["forget"])
-    items["mia"] = {"min_k": scores}
-    return {"summary": summary, "items": items}
 
 
 TABLE = [("forget BLEU", "forget_bleu", ".1f"), ("forget ROUGE-L", "forget_rougeL", ".3f"),

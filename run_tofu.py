@@ -95,7 +95,7 @@ PRESETS = {
 # the protocol did not run at the preset's lr. --lr sets one for every method.
 PROTOCOL_LRS = {
     "smollm2-135m": "flat:kl=1e-4,flat:js=1e-4,flat:pearson=1e-4,flat:tv=1e-4,ga=1e-4,npo=1e-4,simnpo=1e-4,"
-                    "idk=1e-5,dpo=1e-5,gd=1e-4,llmu=3e-5",
+                    "idk=1e-5,dpo=1e-5,gd=1e-4,llmu=3e-5,kl=1e-4",
 }
 
 

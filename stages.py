@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
+import adapters
 import distributed
 import errors
 import flags
@@ -237,7 +238,7 @@ def comparison_dir(out: Path, comparison: dict) -> Path:
 
 
 def training_model(name, compute: models.Compute, trust_remote_code: bool = False, reference: bool = False,
-                   lora: models.Lora | None = None):
+                   lora: adapters.Lora | None = None):
     """(model, tokenizer, frozen reference or None) to train, in the run's precision, with gradient
     checkpointing as the run decided (models.resolve_compute). Without LoRA the reference is a frozen
     copy in the compute dtype; with it (--lora), the model itself with its adapters off. Under
@@ -247,10 +248,10 @@ def training_model(name, compute: models.Compute, trust_remote_code: bool = Fals
                                    trust_remote_code=trust_remote_code)
     models.checkpointing(model, on=compute.gradient_checkpointing)
     if lora:
-        model = models.with_lora(model, lora)
+        model = adapters.with_lora(model, lora)
     ref = None
     if reference:
-        ref = models.AdaptersOff(model) if lora else models.frozen_copy(model, compute.eval_dtype)
+        ref = adapters.AdaptersOff(model) if lora else models.frozen_copy(model, compute.eval_dtype)
     if sharded:
         for m in (model, ref) if ref is not None and not lora else (model,):
             distributed.shard(m, frozen=m is ref)
@@ -468,10 +469,10 @@ def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) ->
     interrupted run never leaves a half-written model that a rerun would trust. Under torchrun every
     rank gathers the full state dict and rank 0 writes it."""
     state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
-    lora = models.is_lora(model)
+    lora = adapters.is_lora(model)
     if lora and distributed.is_main():  # merged into plain weights; the adapter itself saved beside them
         config = model.peft_config["default"]
-        state, adapter = models.merge_lora(state if state is not None else model.state_dict(),
+        state, adapter = adapters.merge_lora(state if state is not None else model.state_dict(),
                                            config.lora_alpha / config.r)
         model = model.get_base_model()
     if state is not None and getattr(model.config, "tie_word_embeddings", False):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import adapters
 import distributed
 import methods
 import models
@@ -130,8 +131,8 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     if lora:  # peft moves each adapter to its layer's device by swapping parameters, which a fake tensor
         with torch.device("meta"):  # refuses: the model is built on the meta device, then given fake storage
-            model = models.with_lora(AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype),
-                                     models.Lora(lora, 2.0 * lora))
+            model = adapters.with_lora(AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype),
+                                     adapters.Lora(lora, 2.0 * lora))
         with fake_mode:
             model.to_empty(device="cpu")
             model.get_base_model().tie_weights()
@@ -143,7 +144,7 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
             models.checkpointing(model, on=True)
         ref = None  # as stages.training_model makes it (a copy in the compute dtype: built anew, since
         if method.reference:  # a fake tensor cannot be cast in place), or the model with its adapters off
-            ref = models.AdaptersOff(model) if lora else models.frozen_copy(
+            ref = adapters.AdaptersOff(model) if lora else models.frozen_copy(
                 AutoModelForCausalLM.from_config(config, dtype=compute.eval_dtype))
     sharded = distributed.world() > 1
     if sharded:  # outside the fake mode: the device mesh is made of real tensors
@@ -225,10 +226,10 @@ def worker_measure(cfg: dict) -> dict:
         if cfg["gc"]:
             models.checkpointing(model, on=True)
         if cfg.get("lora"):
-            model = models.with_lora(model, models.Lora(cfg["lora"], 2.0 * cfg["lora"]))
+            model = adapters.with_lora(model, adapters.Lora(cfg["lora"], 2.0 * cfg["lora"]))
         ref = None
         if method.reference:
-            ref = models.AdaptersOff(model) if cfg.get("lora") else models.frozen_copy(model, compute.eval_dtype)
+            ref = adapters.AdaptersOff(model) if cfg.get("lora") else models.frozen_copy(model, compute.eval_dtype)
         model.train()
         opt, _ = train.optimizer_and_schedule(model, 1e-5, 0.01, 0, 10)
         if cuda:

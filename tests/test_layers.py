@@ -15,9 +15,9 @@ FLOORS = [
                            "bench.evaluation",
                            "examples.hf_trainer_flat"}),
     ("run machinery", {"stages", "flags", "estimate", "attacks", "judges", "alignment", "zeroshot", "tables", "tasks",
-                       "plots"}),
+                       "books", "plots"}),
     ("the method", {"train", "evaluate", "protocol", "bench.memplan", "bench.measure", "bench"}),
-    ("data and models", {"data", "corpora", "models", "mia", "distributed"}),
+    ("data and models", {"data", "corpora", "models", "adapters", "mia", "distributed"}),
     ("the method table", {"methods"}),
     ("losses and errors", {"flat", "errors"}),
 ]

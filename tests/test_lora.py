@@ -10,6 +10,7 @@ from conftest import TOFU_SMOKE, run_in_process
 from safetensors.torch import load_file
 from test_distributed import assert_same_stage, torchrun
 
+import adapters
 import flags
 import models
 import run_tofu
@@ -34,7 +35,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
 def adapted_model(tiny_model_dir, seed=1):
     """The tiny model with rank-4 adapters whose B is random (at creation B = 0: nothing would differ)."""
     model, tok = models.load_model(tiny_model_dir, "cpu")
-    model = models.with_lora(model, models.Lora(4, 8.0))
+    model = adapters.with_lora(model, adapters.Lora(4, 8.0))
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -44,8 +45,8 @@ def adapted_model(tiny_model_dir, seed=1):
 
 def test_only_the_adapters_train_and_the_reference_is_the_base_model(tiny_model_dir):
     compute = models.Compute("cpu", "fp32", False)
-    model, tok, ref = stages.training_model(tiny_model_dir, compute, reference=True, lora=models.Lora(4, 8.0))
-    assert isinstance(ref, models.AdaptersOff) and ref.model is model  # no second copy of the weights
+    model, tok, ref = stages.training_model(tiny_model_dir, compute, reference=True, lora=adapters.Lora(4, 8.0))
+    assert isinstance(ref, adapters.AdaptersOff) and ref.model is model  # no second copy of the weights
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt, _ = train.optimizer_and_schedule(model, 1e-2, 0.01, 0, 3)
     x = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
@@ -77,7 +78,7 @@ def test_the_saved_model_is_plain_weights_equal_to_the_adapted_model(tiny_model_
     weights = load_file(tmp_path / "saved" / "model.safetensors")
     assert not any("lora" in k or "base_layer" in k or k.startswith("base_model") for k in weights)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")  # plain transformers, no peft
-    assert not models.is_lora(plain)
+    assert not adapters.is_lora(plain)
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=x).logits, want, atol=1e-5)
     base, _ = models.load_model(tiny_model_dir, "cpu")  # the adapter saved beside it loads with peft
@@ -156,10 +157,10 @@ def test_the_advice_names_the_settings_its_estimates_fit():
 
 def test_the_adapters_start_from_their_own_seed_whatever_was_drawn_before(tiny_model_dir):
     # a stage's adapters must not depend on the stages (or anything) the process ran before it
-    first = models.with_lora(models.load_model(tiny_model_dir, "cpu")[0], models.Lora(4, 8.0, seed=3))
+    first = adapters.with_lora(models.load_model(tiny_model_dir, "cpu")[0], adapters.Lora(4, 8.0, seed=3))
     torch.rand(1000)
-    again = models.with_lora(models.load_model(tiny_model_dir, "cpu")[0], models.Lora(4, 8.0, seed=3))
-    other = models.with_lora(models.load_model(tiny_model_dir, "cpu")[0], models.Lora(4, 8.0, seed=4))
+    again = adapters.with_lora(models.load_model(tiny_model_dir, "cpu")[0], adapters.Lora(4, 8.0, seed=3))
+    other = adapters.with_lora(models.load_model(tiny_model_dir, "cpu")[0], adapters.Lora(4, 8.0, seed=4))
     a, b, c = (dict(m.named_parameters()) for m in (first, again, other))
     key = next(k for k in a if ".lora_A." in k)
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
@@ -198,8 +199,8 @@ def test_lora_settings_the_model_cannot_take_are_refused_before_any_weights_load
 
 
 def test_a_rank_whose_adapters_outgrow_a_layer_is_one_warning_line(tiny_model_dir, capsys):
-    models.check_lora(tiny_model_dir, models.Lora(16, 32.0))   # k_proj, v_proj: 16 x (32 + 16) = 768 > 32 x 16 = 512
+    adapters.check_lora(tiny_model_dir, adapters.Lora(16, 32.0))   # k_proj, v_proj: 16 x (32 + 16) = 768 > 32 x 16 = 512
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("warning: --lora 16: the adapters of 4 of the 14 targeted layers"), out
-    models.check_lora(tiny_model_dir, models.Lora(4, 8.0, targets="q_proj,v_proj"))  # 4 x 48 < 512: nothing said
+    adapters.check_lora(tiny_model_dir, adapters.Lora(4, 8.0, targets="q_proj,v_proj"))  # 4 x 48 < 512: nothing said
     assert capsys.readouterr().out == ""

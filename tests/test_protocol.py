@@ -225,7 +225,7 @@ def test_the_tofu_runner_trains_each_method_at_the_learning_rate_the_tofu_protoc
     args = flags.parse(run_tofu.Args, ["--method", methods], run_tofu.resolve)
     assert [(c.label, c.lr) for c in flags.grid(args).cells(flags.variants(args))] == [
         ("flat", 1e-4), ("flat:js", 1e-4), ("flat:pearson", 1e-4), ("flat:tv", 1e-4), ("ga", 1e-4), ("npo", 1e-4),
-        ("simnpo", 1e-4), ("idk", 1e-5), ("dpo", 1e-5), ("gd", 1e-4), ("llmu", 3e-5), ("kl", 1e-4)]  # kl: the preset's
+        ("simnpo", 1e-4), ("idk", 1e-5), ("dpo", 1e-5), ("gd", 1e-4), ("llmu", 3e-5), ("kl", 1e-4)]
     args = flags.parse(run_tofu.Args, ["--method", methods, "--lr", "2e-4"], run_tofu.resolve)
     assert {c.lr for c in flags.grid(args).cells(flags.variants(args))} == {2e-4}
 
@@ -246,7 +246,7 @@ def test_the_book_runner_trains_each_method_at_the_learning_rate_the_book_protoc
     import run_hp
     args = flags.parse(run_hp.Args, ["--method", "flat,ga,npo,simnpo"], run_hp.resolve)
     assert [(c.label, c.lr) for c in flags.grid(args).cells(flags.variants(args))] == \
-        [("flat", 5e-5), ("ga", 1e-5), ("npo", 1e-5), ("simnpo", 5e-5)]   # simnpo: not in the protocol, the preset's
+        [("flat", 5e-5), ("ga", 2e-5), ("npo", 5e-5), ("simnpo", 5e-5)]   # simnpo: not in the protocol, the preset's
     args = flags.parse(run_hp.Args, ["--method", "flat,ga", "--corpus", "muse-news"], run_hp.resolve)
     assert [c.lr for c in flags.grid(args).cells(flags.variants(args))] == [5e-5, 5e-5]  # no MUSE protocol run
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import BOOK_SMOKE, ZERO_SHOT_SMOKE, run_in_process
 
+import books
 import data
 import models
 import run_hp
@@ -195,7 +196,7 @@ def test_the_zero_shot_stage_is_cached_and_follows_the_limit(book_run, tmp_path)
     assert "| zero-shot |" in book_run.stdout and "Zero-shot accuracy" in book_run.stdout
     base = ["--model", book_run.model, "--text", str(book_run.book), "--out", str(tmp_path / "run"),
             "--method", "flat", "--batch-size", "2", *BOOK_SMOKE, *ZERO_SHOT_SMOKE]
-    spies = [(zeroshot, "zero_shot"), (run_hp, "evaluate_continuations")]
+    spies = [(zeroshot, "zero_shot"), (books, "evaluate_continuations")]
     first = run_in_process(run_hp.main, base, spies=spies)
     assert len(first.calls["zero_shot"]) == 3  # reference, original, flat
     items = json.loads((tmp_path / "run" / "eval_items.json").read_text())
