@@ -116,11 +116,11 @@ class ClassifierJudge:
 
     def __init__(self, name: str, device: str, trust_remote_code: bool):
         # heavy (seconds to import): where a model or config is built
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
         try:
-            self.tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                name, use_safetensors=True, trust_remote_code=trust_remote_code).to(device).eval()
+            self.tok = models.load_tokenizer(name, trust_remote_code)  # local or cached first: no network
+            self.model = models.load_pretrained(AutoModelForSequenceClassification, name, None, trust_remote_code,
+                                                use_safetensors=True).to(device).eval()
         except OSError as e:
             raise ModelLoadError(f"judge {name!r} could not be loaded: {e}") from None
         labels = self.model.config.id2label
@@ -244,10 +244,10 @@ class SimilarityJudge:
         self.kind, self.model, self.tok = kind, model, tok
         if kind not in ("rouge", "hidden"):
             # heavy (seconds to import): where a model or config is built
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoModel
             try:
-                self.tok = AutoTokenizer.from_pretrained(kind)
-                self.model = AutoModel.from_pretrained(kind, use_safetensors=True).to(device).eval()
+                self.tok = models.load_tokenizer(kind)  # local or cached first: no network
+                self.model = models.load_pretrained(AutoModel, kind, use_safetensors=True).to(device).eval()
             except OSError as e:
                 raise ModelLoadError(f"--similarity {kind!r} could not be loaded: {e}") from None
         self.key = {"similarity": kind}

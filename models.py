@@ -393,10 +393,12 @@ def _load_pretrained(path: str, name: str, dtype, trust_remote_code: bool):
             AutoTokenizer.from_pretrained(path, **kwargs))
 
 
-def load_pretrained(auto_class, name: str, dtype, trust_remote_code: bool = False, **kwargs):
+def load_pretrained(auto_class, name: str, dtype=None, trust_remote_code: bool = False, **kwargs):
     """auto_class.from_pretrained of `name`'s weights (e.g. a sequence classifier built on a causal LM's
-    checkpoint): the local copy or cache first, the Hub only when it can be reached."""
-    return _local_or_hub(auto_class, name, "weights", trust_remote_code, dtype=dtype, **kwargs)
+    checkpoint, a judge, an embedding model): the local copy or cache first, the Hub only when it can be
+    reached. dtype None: the checkpoint's default."""
+    return _local_or_hub(auto_class, name, "weights", trust_remote_code, **kwargs,
+                         **({"dtype": dtype} if dtype is not None else {}))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

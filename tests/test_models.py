@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+import judges
 import models
 import stages
 from errors import ModelLoadError
@@ -82,6 +83,11 @@ def test_a_hub_id_in_the_local_cache_loads_offline_without_the_network(tmp_path,
     local, _ = models.load_model(str(repo / "snapshots" / commit), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
     assert models.model_config("flat-unlearning-tests/tiny").hidden_size == model.config.hidden_size
+    # the judges load Hub ids the same way: an embedding model, and a classifier (this one loads, then is
+    # refused for its labels, which name no harmful class)
+    assert judges.SimilarityJudge("flat-unlearning-tests/tiny").model.config.hidden_size == model.config.hidden_size
+    with pytest.raises(ModelLoadError, match="none of its labels"):
+        judges.ClassifierJudge("flat-unlearning-tests/tiny", "cpu", False)
     assert no_network == []
 
 
