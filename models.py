@@ -378,19 +378,14 @@ def _load_pretrained(path: str, name: str, dtype, trust_remote_code: bool):
     # heavy (seconds to import): where a model or config is built
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(trust_remote_code=trust_remote_code)
-    local = _local_copy(path)
-    if local is not None:
-        return (AutoModelForCausalLM.from_pretrained(local, dtype=dtype, local_files_only=True, **kwargs),
-                AutoTokenizer.from_pretrained(local, local_files_only=True, **kwargs))
-    if not hub_reachable():
+    if _local_copy(path) is None and not hub_reachable():  # said with what to do, before _local_or_hub's error
         raise ModelLoadError(
             f"cannot load model {name!r} ({path}): the Hugging Face Hub is unreachable from this machine and "
             f"the model is not in the local cache. Download it where the Hub is reachable "
             f"(e.g. `huggingface-cli download {path} --local-dir DIR`) and pass --model DIR, "
             f"or use the offline default --model smollm2-135m.")
-    return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs),
-            AutoTokenizer.from_pretrained(path, **kwargs))
+    return (_local_or_hub(AutoModelForCausalLM, name, "model", trust_remote_code, dtype=dtype),
+            _local_or_hub(AutoTokenizer, name, "tokenizer", trust_remote_code))
 
 
 def load_pretrained(auto_class, name: str, dtype=None, trust_remote_code: bool = False, **kwargs):

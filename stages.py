@@ -473,7 +473,7 @@ def save_model_atomic(model, tokenizer, path: Path, extra: dict[str, object]) ->
     if lora and distributed.is_main():  # merged into plain weights; the adapter itself saved beside them
         config = model.peft_config["default"]
         state, adapter = adapters.merge_lora(state if state is not None else model.state_dict(),
-                                           config.lora_alpha / config.r)
+                                             config.lora_alpha / config.r)
         model = model.get_base_model()
     if state is not None and getattr(model.config, "tie_word_embeddings", False):
         for key in getattr(model, "_tied_weights_keys", None) or ():  # e.g. lm_head.weight: the embedding's copy

@@ -132,7 +132,7 @@ def plan_step_memory(config, method_name: str, precision: str, gc: bool, batch: 
     if lora:  # peft moves each adapter to its layer's device by swapping parameters, which a fake tensor
         with torch.device("meta"):  # refuses: the model is built on the meta device, then given fake storage
             model = adapters.with_lora(AutoModelForCausalLM.from_config(config, dtype=compute.train_dtype),
-                                     adapters.Lora(lora, 2.0 * lora))
+                                       adapters.Lora(lora, 2.0 * lora))
         with fake_mode:
             model.to_empty(device="cpu")
             model.get_base_model().tie_weights()
